@@ -1,0 +1,1 @@
+"""Embedded Kubernetes cluster: control plane built from source, plus a local node agent."""

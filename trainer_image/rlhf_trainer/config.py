@@ -1,0 +1,344 @@
+"""The one definition of the trainer's configuration.
+
+The operator renders a job's spec into this structure (as YAML in a ConfigMap); the trainer reads it
+back with :func:`load_config`. Both import this module, so the two cannot drift apart. It must stay
+importable without torch (the operator image has no torch).
+
+Every field carries a help text; ``from_dict`` rejects unknown keys and wrong types with the dotted
+path of the offending field, so a bad config fails with a message that says where and how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+STAGES = ("sft", "reward", "ppo")
+
+# Fixed paths inside a trainer pod. The operator mounts volumes there; the trainer reads them.
+CONFIG_MOUNT_DIR = "/etc/rlhf"
+CONFIG_FILE_NAME = "config.yaml"
+CHECKPOINT_MOUNT = "/ckpt"  # the job's own checkpoint claim, read-write
+INPUTS_MOUNT = "/inputs"  # claims of upstream jobs, read-only, at /inputs/<job-name>
+CHECKPOINTS_SUBDIR = "checkpoints"  # <claim>/checkpoints/step-00000042/
+LATEST_POINTER = "latest"  # <claim>/checkpoints/latest holds the name of the newest complete one
+FINAL_SUBDIR = "final"  # <claim>/final/ : Hugging Face export that the next stage reads
+METADATA_FILE = "rlhf_metadata.json"  # in final/: stage, steps, final metrics, inputs used
+DEFAULT_METRICS_PORT = 9400
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong. The message names the field path and how to fix it."""
+
+
+def _help(text: str, **kw: Any) -> Any:
+    """A dataclass field with a help text (kept in metadata, shown by ``describe``)."""
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class JobIdentity:
+    name: str = _help("Name of the Kubernetes job object this run belongs to.", default="local")
+    namespace: str = _help("Namespace of the job object.", default="default")
+    kind: str = _help("Kind of the job object (SFTJob, RewardModelJob, PPOJob).", default="")
+
+
+@dataclass
+class ModelConfig:
+    path: str = _help("Local directory of a Hugging Face model (config, weights, tokenizer).", default="")
+    tokenizer_path: str = _help("Tokenizer directory when it differs from `path`.", default="")
+    hub_id: str = _help("Hugging Face hub id; used only when `path` is empty and the cluster has network.", default="")
+    init_from_config: dict[str, Any] = _help(
+        "Build a fresh model from this transformers config dict instead of loading weights "
+        "(e.g. {'model_type': 'gpt2', 'n_layer': 2, ...}); the tokenizer still comes from `tokenizer_path`.",
+        default_factory=dict,
+    )
+
+
+@dataclass
+class DatasetConfig:
+    path: str = _help("File or directory of the dataset (JSONL, JSON, Parquet, or a `datasets` save_to_disk dir).", default="")
+    hub_id: str = _help("Hugging Face dataset id; used only when `path` is empty.", default="")
+    file_format: Literal["auto", "jsonl", "json", "parquet", "hf_disk"] = _help(
+        "Container format; `auto` picks from the file extension or directory layout.", default="auto"
+    )
+    format: Literal[
+        "auto", "prompt_chosen_rejected", "hh_rlhf", "ranked", "scored", "prompt_response", "text", "prompt"
+    ] = _help(
+        "Row schema: prompt/chosen/rejected; HH-RLHF chosen/rejected transcripts; K ranked responses "
+        "(prompt + responses best-first); scored completions (user_input/completion/score); "
+        "SFT prompt/response; plain text; PPO prompts. `auto` detects from the first row's keys.",
+        default="auto",
+    )
+    eval_fraction: float = _help("Fraction held out for evaluation (fixed split by `split_seed`).", default=0.1)
+    split_seed: int = _help("Seed of the train/eval split.", default=0)
+    max_samples: int = _help("Use at most this many rows (0 = all).", default=0)
+    min_train_samples: int = _help("Fail before loading a model when the train split is smaller.", default=1)
+
+
+@dataclass
+class TrainingConfig:
+    max_steps: int = _help("Optimizer steps to run (0 = `epochs` over the train split).", default=0)
+    epochs: float = _help("Epochs over the train split when `max_steps` is 0.", default=1.0)
+    batch_size: int = _help("Per-process micro batch size.", default=8)
+    gradient_accumulation_steps: int = _help("Micro batches per optimizer step.", default=1)
+    learning_rate: float = _help("Peak learning rate (AdamW).", default=1e-5)
+    weight_decay: float = _help("AdamW weight decay.", default=0.0)
+    warmup_steps: int = _help("Linear warm-up steps, then linear decay to 0 (constant if `lr_schedule` is constant).", default=0)
+    lr_schedule: Literal["linear", "constant", "cosine"] = _help("Learning-rate schedule after warm-up.", default="linear")
+    max_grad_norm: float = _help("Gradient clipping norm (0 = off).", default=1.0)
+    max_length: int = _help("Maximum tokens per sequence (longer ones are truncated).", default=512)
+    seed: int = _help("Random seed for model init, shuffling and sampling.", default=42)
+    log_every: int = _help("Log metrics every N steps.", default=1)
+    eval_every: int = _help("Evaluate every N steps (0 = only at the end).", default=0)
+    threads: int = _help("torch CPU threads (0 = torch default).", default=0)
+
+
+@dataclass
+class RewardConfig:
+    margin: float = _help("Margin m in -logsigmoid(r_chosen - r_rejected - m).", default=0.0)
+    head: Literal["sequence_classification", "value_head"] = _help(
+        "Score head: a sequence-classification model or backbone + linear value head.", default="value_head"
+    )
+
+
+@dataclass
+class SFTConfig:
+    packing: bool = _help("Pack several short examples into one sequence of `max_length`.", default=False)
+    loss_on_prompt: bool = _help("Also train on prompt tokens (default: response tokens only).", default=False)
+
+
+@dataclass
+class PPOConfig:
+    actor: ModelConfig = _help("Policy to train (usually the SFT output).", default_factory=ModelConfig)
+    reward_model: ModelConfig = _help("Frozen reward model (usually a RewardModelJob output).", default_factory=ModelConfig)
+    critic: ModelConfig = _help("Critic init; empty = the reward model's backbone.", default_factory=ModelConfig)
+    reference: ModelConfig = _help("Frozen reference policy; empty = a copy of the actor at start.", default_factory=ModelConfig)
+    kl_coef: float = _help("Initial KL penalty coefficient beta.", default=0.05)
+    kl_target: float = _help("Adaptive KL target (0 = fixed coefficient).", default=0.0)
+    kl_horizon: int = _help("Horizon of the adaptive KL controller (in samples).", default=10000)
+    kl_estimator: Literal["k1", "k3"] = _help("Per-token KL estimator: k1 = log p - log q, k3 = (r - 1) - log r.", default="k1")
+    cliprange: float = _help("Policy ratio clip epsilon.", default=0.2)
+    cliprange_value: float = _help("Value clip range around old values.", default=0.2)
+    vf_coef: float = _help("Value loss coefficient.", default=0.5)
+    entropy_coef: float = _help("Entropy bonus coefficient.", default=0.0)
+    gamma: float = _help("Discount factor.", default=1.0)
+    lam: float = _help("GAE lambda.", default=0.95)
+    whiten_advantages: bool = _help("Whiten advantages over each rollout.", default=True)
+    reward_clip: float = _help("Clip the reward-model score to [-c, c] (0 = off).", default=5.0)
+    normalize_reward: bool = _help("Normalise RM scores with the mean/std saved with the reward model.", default=True)
+    rollout_batch_size: int = _help("Prompts per rollout (per PPO iteration).", default=16)
+    minibatch_size: int = _help("Samples per PPO minibatch.", default=8)
+    ppo_epochs: int = _help("Passes over each rollout.", default=1)
+    max_prompt_length: int = _help("Prompt tokens kept (left-truncated).", default=128)
+    max_new_tokens: int = _help("Tokens generated per response.", default=32)
+    temperature: float = _help("Sampling temperature.", default=1.0)
+    top_k: int = _help("Top-k sampling (0 = off).", default=0)
+    top_p: float = _help("Nucleus sampling p (1.0 = off).", default=1.0)
+    ptx_coef: float = _help("Pretraining (PTX) loss coefficient (0 = off).", default=0.0)
+    ptx_dataset: DatasetConfig = _help("Text data for the PTX loss.", default_factory=DatasetConfig)
+    critic_learning_rate: float = _help("Critic learning rate (0 = the training learning rate).", default=0.0)
+
+
+@dataclass
+class DeepSpeedConfig:
+    enabled: bool = _help("Wrap trained models with DeepSpeed (off = plain torch).", default=True)
+    zero_stage: int = _help("ZeRO stage 0-3.", default=0)
+    offload_optimizer: bool = _help("Offload optimizer states to CPU memory.", default=False)
+    offload_params: bool = _help("Offload parameters to CPU memory (ZeRO-3 only).", default=False)
+    bf16: bool = _help("Train in bfloat16.", default=False)
+    fp16: bool = _help("Train in float16 with loss scaling.", default=False)
+    extra: dict[str, Any] = _help("Extra DeepSpeed config merged over the generated one.", default_factory=dict)
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = _help("Root of this job's checkpoint volume.", default=CHECKPOINT_MOUNT)
+    every_steps: int = _help("Checkpoint every N optimizer steps (0 = only at the end and on SIGTERM).", default=50)
+    keep_last: int = _help("Keep the newest K checkpoints.", default=2)
+    resume: bool = _help("Resume from the latest checkpoint when one exists.", default=True)
+
+
+@dataclass
+class MetricsConfig:
+    port: int = _help("Port of the Prometheus endpoint on the pod IP (0 = disabled).", default=DEFAULT_METRICS_PORT)
+    host: str = _help("Address to bind; empty = $POD_IP or 0.0.0.0.", default="")
+
+
+@dataclass
+class TrainerConfig:
+    stage: Literal["sft", "reward", "ppo"] = _help("Which training stage to run.", default="sft")
+    job: JobIdentity = _help("Identity of the owning job (metric labels, metadata).", default_factory=JobIdentity)
+    model: ModelConfig = _help("Starting model (SFT and reward stages).", default_factory=ModelConfig)
+    dataset: DatasetConfig = _help("Training data (prompts for PPO).", default_factory=DatasetConfig)
+    training: TrainingConfig = _help("Optimisation settings.", default_factory=TrainingConfig)
+    reward: RewardConfig = _help("Reward-model settings.", default_factory=RewardConfig)
+    sft: SFTConfig = _help("SFT settings.", default_factory=SFTConfig)
+    ppo: PPOConfig = _help("PPO settings.", default_factory=PPOConfig)
+    deepspeed: DeepSpeedConfig = _help("DeepSpeed settings.", default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = _help("Checkpointing and resume.", default_factory=CheckpointConfig)
+    metrics: MetricsConfig = _help("Prometheus endpoint.", default_factory=MetricsConfig)
+    output_dir: str = _help("Where the final Hugging Face export is written; empty = <checkpoint.dir>/final.", default="")
+    inputs: dict[str, str] = _help("Upstream jobs used, name -> path (recorded in the output metadata).", default_factory=dict)
+
+    @property
+    def final_dir(self) -> str:
+        return self.output_dir or str(Path(self.checkpoint.dir) / FINAL_SUBDIR)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --- parsing -------------------------------------------------------------------------------------
+
+def _check_scalar(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    raise ConfigError(f"{where}: unsupported field type {tp!r}")  # pragma: no cover - programming error
+
+
+def _from_dict(cls: type, data: Any, where: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"{where or 'config'}: unknown field(s) {', '.join(unknown)}; known fields are {', '.join(sorted(known))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        path = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _from_dict(tp, value, path)
+        else:
+            kwargs[name] = _check_scalar(value, tp, path)
+    return cls(**kwargs)
+
+
+def _positive(cfg: TrainerConfig) -> list[tuple[str, float, float]]:
+    """(field path, value, minimum) triples that must hold."""
+    t, p = cfg.training, cfg.ppo
+    return [
+        ("training.batch_size", t.batch_size, 1),
+        ("training.gradient_accumulation_steps", t.gradient_accumulation_steps, 1),
+        ("training.max_length", t.max_length, 8),
+        ("training.max_steps", t.max_steps, 0),
+        ("training.learning_rate", t.learning_rate, 0),
+        ("training.log_every", t.log_every, 1),
+        ("checkpoint.keep_last", cfg.checkpoint.keep_last, 1),
+        ("checkpoint.every_steps", cfg.checkpoint.every_steps, 0),
+        ("ppo.rollout_batch_size", p.rollout_batch_size, 1),
+        ("ppo.minibatch_size", p.minibatch_size, 1),
+        ("ppo.ppo_epochs", p.ppo_epochs, 1),
+        ("ppo.max_new_tokens", p.max_new_tokens, 1),
+        ("ppo.kl_coef", p.kl_coef, 0),
+        ("ppo.temperature", p.temperature, 1e-6),
+        ("deepspeed.zero_stage", cfg.deepspeed.zero_stage, 0),
+        ("metrics.port", cfg.metrics.port, 0),
+    ]
+
+
+def validate(cfg: TrainerConfig) -> TrainerConfig:
+    """Cross-field rules; raises ConfigError naming the field and the fix."""
+    for path, value, minimum in _positive(cfg):
+        if value < minimum:
+            raise ConfigError(f"{path}: must be >= {minimum}, got {value}")
+    if not 0.0 <= cfg.dataset.eval_fraction < 1.0:
+        raise ConfigError(f"dataset.eval_fraction: must be in [0, 1), got {cfg.dataset.eval_fraction}")
+    if cfg.deepspeed.zero_stage > 3:
+        raise ConfigError(f"deepspeed.zero_stage: must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
+    if cfg.deepspeed.bf16 and cfg.deepspeed.fp16:
+        raise ConfigError("deepspeed: bf16 and fp16 are both true; choose one")
+    if not 0.0 < cfg.ppo.top_p <= 1.0:
+        raise ConfigError(f"ppo.top_p: must be in (0, 1], got {cfg.ppo.top_p}")
+    if cfg.metrics.port > 65535:
+        raise ConfigError(f"metrics.port: must be <= 65535, got {cfg.metrics.port}")
+    if cfg.stage == "ppo":
+        if cfg.ppo.minibatch_size > cfg.ppo.rollout_batch_size:
+            raise ConfigError(
+                f"ppo.minibatch_size ({cfg.ppo.minibatch_size}) is larger than ppo.rollout_batch_size "
+                f"({cfg.ppo.rollout_batch_size}); make it smaller or equal"
+            )
+        for role in ("actor", "reward_model"):
+            m: ModelConfig = getattr(cfg.ppo, role)
+            if not (m.path or m.hub_id or m.init_from_config):
+                raise ConfigError(f"ppo.{role}: set path (or hub_id) to the model to use")
+    else:
+        m = cfg.model
+        if not (m.path or m.hub_id or m.init_from_config):
+            raise ConfigError("model: set path, hub_id or init_from_config to the starting model")
+    if not (cfg.dataset.path or cfg.dataset.hub_id):
+        raise ConfigError("dataset: set path (or hub_id) to the training data")
+    return cfg
+
+
+def from_dict(data: Any) -> TrainerConfig:
+    """Parse and validate a plain dict (as read from YAML/JSON)."""
+    return validate(_from_dict(TrainerConfig, data, ""))
+
+
+def load_config(path: str | Path) -> TrainerConfig:
+    """Read a YAML or JSON config file; errors name the file and the field."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror}") from e
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise ConfigError(f"config file {p} is not valid YAML/JSON: {e}") from e
+    try:
+        return from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"config file {p}: {e}") from e
+
+
+def describe(cls: type = TrainerConfig, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted field, help) for every field - documentation and drift tests."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        out.append((path, f.metadata.get("help", "")))
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.extend(describe(hints[f.name], path + "."))
+    return out
