@@ -1,0 +1,26 @@
+"""The local node agent: plays the kubelet for the embedded cluster's Pods.
+
+Run it with `python -m localcluster.nodeagent --kubeconfig K --state-dir D [--node NAME:cpu=16,gpu=1 ...]`.
+
+What it does: registers Nodes and keeps them Ready (status + Lease), runs each container's command/args
+as a local process of the project's Python environment in its own mount namespace with the pod's
+volumes bind-mounted, gives each pod its own 127.x.y.z address, reports truthful pod status, honours
+restartPolicy and graceful deletion, and provisions PVCs of the default StorageClass `local-path`.
+
+What it does not do (say so to users): images are recorded, never pulled (a container needs an
+explicit `command`); no `kubectl logs/exec` (there is no kubelet API: read
+`pod_log_path(...)`, or `python -m localcluster logs`); probes are not run (a running container is
+ready); CPU/memory requests are scheduled but not enforced; securityContext users are honoured only
+with --run-as-user; containers share the host's root filesystem, so mountpoints are created on it.
+"""
+
+import os
+
+from .processes import kill_leftovers
+
+__all__ = ["pod_log_path", "kill_leftovers"]
+
+
+def pod_log_path(state_dir: str, namespace: str, pod: str, container: str) -> str:
+    """Where a container's stdout and stderr go (appended across restarts of the container)."""
+    return os.path.join(os.path.abspath(state_dir), "pods", namespace, pod, f"{container}.log")

@@ -1,0 +1,88 @@
+"""python -m localcluster.nodeagent --kubeconfig K --state-dir D [--node NAME:cpu=16,memory=64Gi,gpu=1 ...]"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+from .addresses import default_pod_network, parse_pod_network
+from .node import DEFAULT_NODE_NAME, parse_node_spec, parse_taint
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m localcluster.nodeagent",
+                                description="Local node agent: plays the kubelet for the embedded cluster.")
+    p.add_argument("--kubeconfig", required=True, help="kubeconfig of the cluster's API server")
+    p.add_argument("--state-dir", required=True, help="the cluster's state directory (pods, logs, volumes)")
+    p.add_argument("--node", action="append", default=[], metavar="NAME:RES=QTY,...",
+                   help=f"a node to register, e.g. {DEFAULT_NODE_NAME}:cpu=16,memory=64Gi,gpu=1 (repeatable; "
+                        f"default one node {DEFAULT_NODE_NAME} with cpu=16, memory=64Gi, nvidia.com/gpu=1, pods=110)")
+    p.add_argument("--taint", action="append", default=[], metavar="KEY[=VALUE]:EFFECT",
+                   help="register the node(s) with this taint (repeatable)")
+    p.add_argument("--pod-network", help="loopback CIDR for pod IPs (default: a 127.N.0.0/16 derived from --state-dir)")
+    p.add_argument("--heartbeat-seconds", type=float, default=10.0, help="node status and Lease renewal period")
+    p.add_argument("--shutdown-grace-seconds", type=float, default=10.0,
+                   help="on SIGTERM, the longest a pod gets to stop before SIGKILL")
+    p.add_argument("--default-workdir", default="/", help="working directory of containers without workingDir")
+    p.add_argument("--pass-env", action="append", default=[], metavar="NAME",
+                   help="pass this variable of the agent's environment to every container (repeatable)")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="set this variable in every container, like an image's ENV (repeatable)")
+    p.add_argument("--run-as-user", action="store_true",
+                   help="honour securityContext runAsUser/runAsGroup/fsGroup/runAsNonRoot: containers drop root "
+                        "(off by default: the project's environment and HOME must then be usable by that uid)")
+    p.add_argument("--log-level", default=os.environ.get("LOCALCLUSTER_LOG_LEVEL", "INFO"))
+    args = p.parse_args(argv)
+    try:
+        args.nodes = [parse_node_spec(s) for s in args.node] or [parse_node_spec(DEFAULT_NODE_NAME)]
+        taints = [parse_taint(t) for t in args.taint]
+        for node in args.nodes:
+            node.taints = list(taints)
+        args.pod_network = args.pod_network or default_pod_network(args.state_dir)
+        parse_pod_network(args.pod_network)
+        args.extra_env = {}
+        for item in args.env:
+            name, eq, value = item.partition("=")
+            if not eq or not name:
+                raise ValueError(f"--env {item!r} must be NAME=VALUE")
+            args.extra_env[name] = value
+    except ValueError as e:
+        p.error(str(e))
+    if len({n.name for n in args.nodes}) != len(args.nodes):
+        p.error("--node names must be distinct")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
+    if os.geteuid() != 0:
+        print("local node agent: must run as root (each pod gets its own mount namespace via unshare)",
+              file=sys.stderr)
+        return 2
+    # Imported here so --help and argument errors do not need the kubernetes client.
+    from .agent import Agent
+    from .kube import Kube
+
+    agent = Agent(Kube(args.kubeconfig), args.state_dir, args.nodes, pod_network=args.pod_network,
+                  heartbeat_seconds=args.heartbeat_seconds, shutdown_grace=args.shutdown_grace_seconds,
+                  default_workdir=args.default_workdir, pass_env=args.pass_env, extra_env=args.extra_env,
+                  run_as_user=args.run_as_user)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: agent.stop.set())
+    try:
+        agent.run_until_stopped()
+    except Exception as e:
+        logging.getLogger("localcluster.nodeagent").exception("node agent failed: %s", e)
+        agent.shutdown()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

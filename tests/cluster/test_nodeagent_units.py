@@ -1,0 +1,219 @@
+"""The node agent's pure parts (no cluster): parsing, pod phase rules, env resolution, mount plans, and the
+mount-namespace shim run for real (needs root, as the agent does)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from fractions import Fraction
+
+import pytest
+
+from localcluster.nodeagent.addresses import AddressPool, default_pod_network, parse_pod_network
+from localcluster.nodeagent.env import ContainerConfigError, PodContext, command_line, expand, process_user, resolve_env
+from localcluster.nodeagent.node import GPU, node_conditions, parse_node_spec, parse_taint, without_not_ready_taints
+from localcluster.nodeagent.processes import SHIM
+from localcluster.nodeagent.quantity import parse_quantity
+from localcluster.nodeagent.status import ContainerState, backoff_seconds, pod_phase
+from localcluster.nodeagent.storage import pv_object, wants_provisioning
+from localcluster.nodeagent.volumes import Volume, VolumeError, container_mounts
+
+
+@pytest.mark.parametrize("text,value", [("2", 2), ("500m", Fraction(1, 2)), ("64Gi", 64 * 2**30), ("1e3", 1000),
+                                        ("1.5G", 1_500_000_000), ("0.5", Fraction(1, 2))])
+def test_parse_quantity(text, value):
+    assert parse_quantity(text) == value
+
+
+def test_parse_quantity_rejects_nonsense():
+    with pytest.raises(ValueError, match="not a Kubernetes quantity"):
+        parse_quantity("12 GB")
+
+
+def test_node_spec_defaults_aliases_and_errors():
+    spec = parse_node_spec("big-0:gpu=8,memory=512Gi")
+    assert spec.name == "big-0" and spec.gpus == 8
+    assert spec.capacity == {"cpu": "16", "memory": "512Gi", GPU: "8", "pods": "110", "ephemeral-storage": "200Gi"}
+    with pytest.raises(ValueError, match="resource cpu"):
+        parse_node_spec("n:cpu=lots")
+    with pytest.raises(ValueError, match="RESOURCE=QUANTITY"):
+        parse_node_spec("n:gpu")
+    assert parse_taint("a=b:NoSchedule") == {"key": "a", "value": "b", "effect": "NoSchedule"}
+    with pytest.raises(ValueError, match="EFFECT"):
+        parse_taint("a=b:Sometimes")
+
+
+def test_not_ready_taints_are_removed_and_others_kept():
+    mine = {"key": "rlhf.io/x", "effect": "NoSchedule"}
+    assert without_not_ready_taints([{"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"}, mine]) == [mine]
+    assert without_not_ready_taints([mine]) is None
+
+
+def test_node_condition_transition_time_moves_only_on_change():
+    transitions: dict[str, str] = {}
+    first = {c["type"]: c for c in node_conditions(True, "t1", transitions)}
+    again = {c["type"]: c for c in node_conditions(True, "t2", transitions)}
+    down = {c["type"]: c for c in node_conditions(False, "t3", transitions)}
+    assert again["Ready"]["lastTransitionTime"] == "t1" and again["Ready"]["lastHeartbeatTime"] == "t2"
+    assert down["Ready"]["status"] == "False" and down["Ready"]["lastTransitionTime"] == "t3"
+    assert first["MemoryPressure"]["status"] == "False"
+
+
+def _c(state, code=None, last=None):
+    c = ContainerState("c", "img", state=state, exit_code=code)
+    c.last_terminated = last
+    return c
+
+
+@pytest.mark.parametrize("policy,init,main,phase", [
+    ("Never", [], [_c("waiting")], "Pending"),
+    ("Never", [], [_c("running")], "Running"),
+    ("Never", [], [_c("terminated", 0)], "Succeeded"),
+    ("Never", [], [_c("terminated", 0), _c("terminated", 3)], "Failed"),
+    ("Never", [], [_c("terminated", 3), _c("running")], "Running"),
+    ("OnFailure", [], [_c("waiting", last={"exitCode": 1})], "Running"),  # in crash-loop backoff
+    ("OnFailure", [], [_c("terminated", 0)], "Succeeded"),
+    ("Always", [], [_c("terminated", 0)], "Running"),
+    ("Never", [_c("terminated", 1)], [_c("waiting")], "Failed"),
+    ("OnFailure", [_c("waiting", last={"exitCode": 1})], [_c("waiting")], "Pending"),
+    ("Never", [_c("terminated", 0)], [_c("running")], "Running"),
+])
+def test_pod_phase_follows_kubelet_rules(policy, init, main, phase):
+    assert pod_phase(policy, init, main) == phase
+
+
+def test_backoff_is_short_and_capped():
+    assert [backoff_seconds(n) for n in range(1, 7)] == [1, 2, 4, 8, 10, 10]
+
+
+def test_expand_like_kubernetes():
+    env = {"A": "1", "B": "two"}
+    assert expand("$(A)-$(B)-$(C)-$$(A)", env) == "1-two-$(C)-$(A)"
+
+
+def _ctx():
+    pod = {"metadata": {"name": "p", "namespace": "ns", "uid": "u", "labels": {"app": "x"}},
+           "spec": {"nodeName": "n0", "containers": []}}
+    return PodContext(pod, "127.9.0.7", "127.0.0.1")
+
+
+def test_resolve_env_sources_order_and_errors():
+    maps = {("ns", "cm"): {"K": "from-cm", "LR": "0.1"}}
+    secrets = {("ns", "s"): {"pw": "hunter2"}}
+    container = {"name": "c", "envFrom": [{"configMapRef": {"name": "cm"}, "prefix": "CFG_"}],
+                 "env": [{"name": "IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                         {"name": "APP", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}},
+                         {"name": "PW", "valueFrom": {"secretKeyRef": {"name": "s", "key": "pw"}}},
+                         {"name": "URL", "value": "http://$(IP):80"},
+                         {"name": "CFG_K", "value": "overridden"},
+                         {"name": "OPT", "valueFrom": {"configMapKeyRef": {"name": "nope", "key": "k",
+                                                                           "optional": True}}}],
+                 "command": ["run", "--ip=$(IP)"]}
+    env = resolve_env(container, _ctx(), lambda ns, n: maps.get((ns, n)), lambda ns, n: secrets.get((ns, n)))
+    assert env == {"CFG_K": "overridden", "CFG_LR": "0.1", "IP": "127.9.0.7", "APP": "x", "PW": "hunter2",
+                   "URL": "http://127.9.0.7:80"}
+    assert command_line(container, env) == ["run", "--ip=127.9.0.7"]
+    missing = {"name": "c", "env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "s", "key": "other"}}}]}
+    with pytest.raises(ContainerConfigError, match="secretKeyRef ns/s has no key 'other'"):
+        resolve_env(missing, _ctx(), lambda *a: None, lambda ns, n: secrets.get((ns, n)))
+    with pytest.raises(ContainerConfigError, match="set `command` explicitly"):
+        command_line({"name": "c", "image": "trainer:1", "args": ["x"]}, {})
+
+
+def test_mount_plan_orders_parents_first_and_refuses_to_hide_the_python_env(tmp_path):
+    vols = {"a": Volume(str(tmp_path), False), "cfg": Volume(str(tmp_path), True)}
+    container = {"name": "c", "volumeMounts": [{"name": "a", "mountPath": "/data/sub", "subPath": "x"},
+                                               {"name": "a", "mountPath": "/data"},
+                                               {"name": "cfg", "mountPath": "/etc/rlhf", "readOnly": False}]}
+    mounts = container_mounts(container, vols, {})
+    assert [m.dst for m in mounts] == ["/data", "/data/sub", "/etc/rlhf"]
+    assert [m.read_only for m in mounts] == [False, False, True]  # configMap-like volumes are always read-only
+    assert os.path.isdir(tmp_path / "x")
+    venv_parent = os.path.dirname(sys.prefix)
+    with pytest.raises(VolumeError, match="would hide"):
+        container_mounts({"name": "c", "volumeMounts": [{"name": "a", "mountPath": venv_parent}]}, vols, {})
+    with pytest.raises(VolumeError, match="no volume named 'b'"):
+        container_mounts({"name": "c", "volumeMounts": [{"name": "b", "mountPath": "/b"}]}, vols, {})
+
+
+def test_address_pool_is_distinct_round_robin_and_loopback_only():
+    pool = AddressPool(parse_pod_network("127.77.0.0/30"))
+    a, b = pool.allocate(), pool.allocate()
+    assert a != b and a.startswith("127.77.")
+    pool.release(a)
+    with pytest.raises(RuntimeError, match="in use"):
+        pool.allocate(), pool.allocate()
+    assert default_pod_network("/tmp/x") == default_pod_network("/tmp/x")
+    with pytest.raises(ValueError, match="loopback"):
+        parse_pod_network("10.0.0.0/16")
+    with pytest.raises(ValueError, match="host address"):
+        parse_pod_network("127.0.0.0/16")
+
+
+def test_provisioner_picks_its_claims_and_builds_a_prebound_volume():
+    pvc = {"metadata": {"name": "ckpt", "namespace": "ns", "uid": "u1", "resourceVersion": "5"},
+           "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "3Gi"}},
+                    "storageClassName": "local-path"}, "status": {"phase": "Pending"}}
+    assert wants_provisioning(pvc)
+    assert not wants_provisioning({**pvc, "spec": {**pvc["spec"], "storageClassName": "fast-ssd"}})
+    assert not wants_provisioning({**pvc, "spec": {**pvc["spec"], "volumeName": "pv-x"}})
+    pv = pv_object(pvc, "/state/volumes/pvc-u1")
+    assert pv["metadata"]["name"] == "pvc-u1"
+    assert pv["spec"]["capacity"] == {"storage": "3Gi"}
+    assert pv["spec"]["claimRef"]["uid"] == "u1" and pv["spec"]["persistentVolumeReclaimPolicy"] == "Delete"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mount namespaces need root (the agent runs as root)")
+def test_shim_mounts_privately_and_read_only(tmp_path):
+    rw, ro = tmp_path / "rw", tmp_path / "ro"
+    rw.mkdir()
+    ro.mkdir()
+    (ro / "in.txt").write_text("input")
+    term = tmp_path / "term"
+    term.write_text("")
+    target = tmp_path / "mnt"
+    script = (f"import errno\nopen('{target}/rw/out.txt', 'w').write(open('{target}/ro/in.txt').read())\n"
+              f"try:\n    open('{target}/ro/x', 'w')\nexcept OSError as e:\n    assert e.errno == errno.EROFS, e\n"
+              f"else:\n    raise SystemExit('read-only mount was writable')\n"
+              f"open('/dev/termination-log', 'w').write('done')\n")
+    plan = {"mounts": [{"src": str(rw), "dst": f"{target}/rw", "ro": False, "file": False},
+                       {"src": str(ro), "dst": f"{target}/ro", "ro": True, "file": False},
+                       {"src": str(term), "dst": "/dev/termination-log", "ro": False, "file": True}],
+            "cwd": str(tmp_path), "argv": [sys.executable, "-c", script], "start_error": str(tmp_path / "err")}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    run = subprocess.run([sys.executable, "-I", "-S", SHIM, str(tmp_path / "plan.json")], capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert (rw / "out.txt").read_text() == "input" and term.read_text() == "done"
+    with open("/proc/self/mounts") as f:
+        assert str(target) not in f.read()  # nothing leaked into the host's mount table
+
+    plan["argv"] = ["no-such-binary"]
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    run = subprocess.run([sys.executable, "-I", "-S", SHIM, str(tmp_path / "plan.json")], capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 128
+    assert (tmp_path / "err").read_text() == 'exec: "no-such-binary": executable file not found in $PATH'
+
+
+def test_process_user_from_security_context():
+    pod_spec = {"securityContext": {"runAsUser": 1000, "fsGroup": 2000, "supplementalGroups": [3000]}}
+    assert process_user(pod_spec, {"name": "c"}) == {"uid": 1000, "gid": 1000, "groups": [2000, 3000]}
+    assert process_user(pod_spec, {"name": "c", "securityContext": {"runAsUser": 7, "runAsGroup": 8}})["gid"] == 8
+    assert process_user({}, {"name": "c"}) is None
+    with pytest.raises(ContainerConfigError, match="runAsNonRoot but no runAsUser"):
+        process_user({"securityContext": {"runAsNonRoot": True}}, {"name": "c"})
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing users needs root")
+def test_shim_drops_root_when_asked(tmp_path):
+    plan = {"mounts": [], "cwd": "/", "argv": ["/bin/sh", "-c", "id -u; id -g; id -G"],
+            "start_error": str(tmp_path / "err"), "user": {"uid": 65534, "gid": 65534, "groups": [2000]}}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    run = subprocess.run([sys.executable, "-I", "-S", SHIM, str(tmp_path / "plan.json")], capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["65534", "65534", "65534", "2000"]
+    assert (tmp_path / "err").read_text() == ""
