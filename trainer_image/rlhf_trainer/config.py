@@ -118,6 +118,11 @@ class SFTConfig:
 class PPOConfig:
     actor: ModelConfig = _help("Policy to train (usually the SFT output).", default_factory=ModelConfig)
     reward_model: ModelConfig = _help("Frozen reward model (usually a RewardModelJob output).", default_factory=ModelConfig)
+    reward_fn: str = _help(
+        "Built-in rule scorer used instead of `reward_model` (tests, demos): `count:<text>` scores a "
+        "response by how many times <text> occurs in its decoded text. Empty = use the reward model.",
+        default="",
+    )
     critic: ModelConfig = _help("Critic init; empty = the reward model's backbone.", default_factory=ModelConfig)
     reference: ModelConfig = _help("Frozen reference policy; empty = a copy of the actor at start.", default_factory=ModelConfig)
     kl_coef: float = _help("Initial KL penalty coefficient beta.", default=0.05)
@@ -297,7 +302,12 @@ def validate(cfg: TrainerConfig) -> TrainerConfig:
                 f"ppo.minibatch_size ({cfg.ppo.minibatch_size}) is larger than ppo.rollout_batch_size "
                 f"({cfg.ppo.rollout_batch_size}); make it smaller or equal"
             )
-        for role in ("actor", "reward_model"):
+        if cfg.ppo.reward_fn and not (cfg.ppo.reward_fn.startswith("count:") and len(cfg.ppo.reward_fn) > 6):
+            raise ConfigError(
+                f"ppo.reward_fn: {cfg.ppo.reward_fn!r} is not a known rule; use `count:<text>` or leave it empty "
+                "to score with ppo.reward_model"
+            )
+        for role in ("actor",) if cfg.ppo.reward_fn else ("actor", "reward_model"):
             m: ModelConfig = getattr(cfg.ppo, role)
             if not (m.path or m.hub_id or m.init_from_config):
                 raise ConfigError(f"ppo.{role}: set path (or hub_id) to the model to use")
@@ -315,8 +325,11 @@ def from_dict(data: Any) -> TrainerConfig:
     return validate(_from_dict(TrainerConfig, data, ""))
 
 
-def load_config(path: str | Path) -> TrainerConfig:
-    """Read a YAML or JSON config file; errors name the file and the field."""
+def load_config(path: str | Path, stage: str | None = None) -> TrainerConfig:
+    """Read a YAML or JSON config file; errors name the file and the field.
+
+    ``stage`` (from the command line) fills in a config without ``stage`` and must match one that has it.
+    """
     p = Path(path)
     try:
         text = p.read_text()
@@ -326,6 +339,10 @@ def load_config(path: str | Path) -> TrainerConfig:
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         raise ConfigError(f"config file {p} is not valid YAML/JSON: {e}") from e
+    if stage is not None and isinstance(data, dict):
+        if data.get("stage", stage) != stage:
+            raise ConfigError(f"config file {p}: stage is {data['stage']!r} but the command runs the {stage!r} stage")
+        data = {**data, "stage": stage}
     try:
         return from_dict(data)
     except ConfigError as e:

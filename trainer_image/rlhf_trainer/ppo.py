@@ -1,0 +1,468 @@
+"""PPO stage: actor, reference, critic and scorer; rollouts, GAE and clipped PPO updates; resumable.
+
+One *iteration* (the step of the metrics and checkpoints) is:
+
+1. generate: sample responses for ``ppo.rollout_batch_size`` left-padded prompts per process;
+2. score: the reward model (own tokenizer; response text re-encoded) or a rule scores each response;
+   actor, reference and critic give per-token log-probs and values;
+3. rewards ``-beta * KL_t`` per token plus the normalised, clipped score at the last real response
+   token; GAE over response tokens; whitened advantages (``ppo_rollout.finish_rollout``);
+4. train: ``ppo.ppo_epochs`` passes over shuffled minibatches - clipped surrogate minus entropy bonus
+   (plus PTX) for the actor, clipped value loss for the critic, each through its engine;
+5. the KL controller is updated, metrics logged, a checkpoint written every ``checkpoint.every_steps``.
+
+Every random draw of an iteration (prompt order, sampling, minibatch order) comes from generators
+seeded by (seed, iteration, rank), so a resumed run repeats the iterations of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import contract as c
+from . import data, models, ops
+from .config import ConfigError, TrainerConfig
+from .data.encoding import collate_sft, encode_prompt, encode_sft
+from .data.formats import Record
+from .export import build_metadata, export_final
+from .ppo_rollout import Rollout, finish_rollout, response_logprobs, response_values, sample_responses
+from .ppo_scorers import RewardModelScorer, Scorer, rule_scorer
+from .runtime import failure
+from .runtime.checkpoint import CheckpointManager
+from .runtime.metrics import TrainerMetrics
+from .runtime.strategy import Strategy
+
+STATE_FILE = "ppo_state.json"
+
+
+def log(message: str) -> None:
+    print(f"rlhf-trainer ppo: {message}", file=sys.stderr, flush=True)
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """PPO ratios compare two forward passes of the same weights; dropout would make them differ."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+def iteration_seed(seed: int, iteration: int, rank: int, stream: int) -> int:
+    """A distinct, reproducible seed per (run seed, iteration, process, purpose)."""
+    return (seed * 1_000_003 + iteration * 10_007 + rank * 101 + stream) % (2**63)
+
+
+# --- models --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Models:
+    tokenizer: Any
+    actor: nn.Module
+    reference: nn.Module
+    critic: nn.Module
+    scorer: Scorer
+
+
+def _same_vocab(tok_a, tok_b) -> bool:
+    return tok_a.get_vocab() == tok_b.get_vocab()
+
+
+def load_models(cfg: TrainerConfig) -> Models:
+    """Actor and tokenizer, reference (frozen start copy unless configured), scorer, critic init."""
+    p = cfg.ppo
+    tokenizer = models.load_tokenizer(p.actor)
+    actor = disable_dropout(models.load_causal_lm(p.actor, tokenizer))
+    limit = getattr(actor.config, "n_positions", None) or getattr(actor.config, "max_position_embeddings", None)
+    if limit and p.max_prompt_length + p.max_new_tokens > limit:
+        raise ConfigError(
+            f"ppo.max_prompt_length ({p.max_prompt_length}) + ppo.max_new_tokens ({p.max_new_tokens}) exceeds the "
+            f"actor's {limit} positions; lower one of them"
+        )
+    if p.reference.path or p.reference.hub_id or p.reference.init_from_config:
+        reference = models.load_causal_lm(p.reference, tokenizer)
+    else:
+        reference = copy.deepcopy(actor)
+    rm = None
+    if p.reward_fn:
+        scorer: Scorer = rule_scorer(p.reward_fn)
+    else:
+        if not p.reward_model.path:
+            raise failure.ModelError("ppo.reward_model.path: PPO needs a saved reward model directory (or ppo.reward_fn)")
+        rm, rm_tokenizer, stats = models.load_reward_model(p.reward_model.path)
+        scorer = RewardModelScorer(rm, rm_tokenizer, stats, batch_size=max(p.minibatch_size, 1))
+    critic = _load_critic(cfg, tokenizer, rm, scorer)
+    return Models(tokenizer, actor, disable_dropout(reference), disable_dropout(critic), scorer)
+
+
+def _load_critic(cfg: TrainerConfig, tokenizer, rm: nn.Module | None, scorer: Scorer) -> nn.Module:
+    """The critic reads the actor's tokens, so it needs the actor's vocabulary.
+
+    Order: ``ppo.critic`` if set; else the reward model's backbone and value head when the reward
+    model shares the actor's tokenizer; else the actor's backbone with a fresh value head.
+    """
+    p = cfg.ppo
+    if p.critic.path:
+        critic, critic_tok = models.load_critic(p.critic.path)
+        if not _same_vocab(critic_tok, tokenizer):
+            raise failure.ModelError(
+                f"ppo.critic.path {p.critic.path}: its tokenizer differs from the actor's; the critic reads the "
+                "actor's tokens, so use a critic with the actor's vocabulary or leave ppo.critic empty"
+            )
+        return critic
+    if p.critic.init_from_config or p.critic.hub_id:
+        return models.CriticModel(models.load_backbone(p.critic, tokenizer))
+    if isinstance(rm, models.RewardModel) and _same_vocab(scorer.tokenizer, tokenizer):
+        return models.critic_from_reward_model(rm)
+    if rm is not None and _same_vocab(scorer.tokenizer, tokenizer):
+        return models.load_critic(p.reward_model.path, init_value_head="fresh")[0]
+    reason = "a rule scorer is used" if rm is None else "the reward model's tokenizer differs from the actor's"
+    log(f"critic: {reason}; initialising it from the actor's backbone with a fresh value head")
+    return models.CriticModel(models.load_backbone(p.actor, tokenizer))
+
+
+# --- prompts -------------------------------------------------------------------------------------
+
+
+class PromptSchedule:
+    """Which prompts iteration ``i`` of process ``rank`` uses: epochs over a seeded permutation.
+
+    Iteration ``i`` covers global prompt slots ``[i * G, (i + 1) * G)`` with ``G = per_rank * world``;
+    slot ``s`` is prompt ``perm_{s // N}[s % N]``. The position is a pure function of the iteration,
+    so a resumed run continues where the interrupted one stopped.
+    """
+
+    def __init__(self, n_prompts: int, per_rank: int, world_size: int, seed: int):
+        self.n = n_prompts
+        self.per_rank = per_rank
+        self.world_size = world_size
+        self.seed = seed
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(iteration_seed(self.seed, epoch, 0, 7))
+            self._perms[epoch] = torch.randperm(self.n, generator=g).tolist()
+        return self._perms[epoch]
+
+    def position(self, iteration: int) -> int:
+        return iteration * self.per_rank * self.world_size
+
+    def indices(self, iteration: int, rank: int) -> list[int]:
+        start = self.position(iteration) + rank * self.per_rank
+        return [self._perm(s // self.n)[s % self.n] for s in range(start, start + self.per_rank)]
+
+
+def left_pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long)
+    return ids, mask
+
+
+# --- one iteration -------------------------------------------------------------------------------
+
+
+class PPOTrainer:
+    """Owns the engines, the KL controller and the iteration logic of one run."""
+
+    def __init__(self, cfg: TrainerConfig, strategy: Strategy, m: Models, actor_engine, critic_engine,
+                 ptx: list[tuple[list[int], list[int]]] | None = None):
+        self.cfg, self.p, self.strategy = cfg, cfg.ppo, strategy
+        self.tokenizer = m.tokenizer
+        self.actor, self.critic = actor_engine, critic_engine
+        self.reference, self.scorer = m.reference, m.scorer
+        self.kl_ctl = ops.make_kl_controller(self.p.kl_coef, self.p.kl_target, self.p.kl_horizon)
+        self.ptx = ptx or []
+        self.device = strategy.device
+        self.stats_mean, self.stats_std = None, None
+        if self.p.normalize_reward and m.scorer.stats:
+            self.stats_mean, self.stats_std = float(m.scorer.stats["mean"]), float(m.scorer.stats["std"])
+
+    # -- experience --
+
+    @torch.no_grad()
+    def rollout(self, records: Sequence[Record], iteration: int, timings: dict[str, float]) -> tuple[Rollout, torch.Tensor]:
+        p, tok, dev = self.p, self.tokenizer, self.device
+        t0 = time.perf_counter()
+        prompts = [encode_prompt(tok, r.prompt, p.max_prompt_length, r.messages) for r in records]
+        query, query_mask = (x.to(dev) for x in left_pad(prompts, tok.pad_token_id))
+        gen = torch.Generator(device=dev).manual_seed(iteration_seed(self.cfg.training.seed, iteration, self.strategy.rank, 1))
+        actor = self.strategy.unwrap(self.actor)
+        actor.eval()
+        response, response_mask = sample_responses(
+            actor, query, query_mask, max_new_tokens=p.max_new_tokens, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, generator=gen,
+        )
+        timings["generate"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        texts = [tok.decode(row[: int(n)].tolist(), skip_special_tokens=True)
+                 for row, n in zip(response.cpu(), response_mask.sum(1).cpu(), strict=True)]
+        scores = self.scorer(records, texts).to(dev).float()
+        logprobs, entropy = response_logprobs(actor, query, query_mask, response, response_mask, p.temperature,
+                                              with_entropy=True)
+        ref_logprobs, _ = response_logprobs(self.reference, query, query_mask, response, response_mask, p.temperature)
+        critic = self.strategy.unwrap(self.critic)
+        critic.eval()
+        values = response_values(critic, query, query_mask, response, response_mask)
+        ro = finish_rollout(
+            query=query, query_mask=query_mask, response=response, response_mask=response_mask,
+            logprobs=logprobs, ref_logprobs=ref_logprobs.float(), values=values, scores=scores,
+            kl_coef=self.kl_ctl.value, kl_estimator=p.kl_estimator, reward_clip=p.reward_clip,
+            score_mean=self.stats_mean, score_std=self.stats_std, gamma=p.gamma, lam=p.lam,
+            whiten_advantages=p.whiten_advantages,
+        )
+        timings["score"] = time.perf_counter() - t0
+        return ro, ops.masked_mean(entropy, response_mask)
+
+    # -- optimisation --
+
+    def _ptx_loss(self, k: int) -> torch.Tensor:
+        n = self.p.minibatch_size
+        batch = [self.ptx[(k * n + j) % len(self.ptx)] for j in range(n)]
+        enc = {key: v.to(self.device) for key, v in collate_sft(self.tokenizer, batch).items()}
+        return self.actor(**enc).loss
+
+    def train(self, ro: Rollout, iteration: int, updates_before: int) -> dict[str, float]:
+        """``ppo_epochs`` passes of minibatch updates over one rollout; returns mean statistics."""
+        p = self.p
+        gen = torch.Generator().manual_seed(iteration_seed(self.cfg.training.seed, iteration, self.strategy.rank, 2))
+        self.actor.train()
+        self.critic.train()
+        sums: dict[str, float] = {}
+        n = 0
+        for _ in range(p.ppo_epochs):
+            for mb in ro.minibatches(p.minibatch_size, gen):
+                mask = mb.response_mask
+                logp, entropy = response_logprobs(self.actor, mb.query, mb.query_mask, mb.response, mask,
+                                                  p.temperature, with_entropy=p.entropy_coef > 0)
+                pl = ops.policy_loss(logp, mb.logprobs, mb.advantages, mask, p.cliprange)
+                actor_loss = pl.loss
+                if entropy is not None:
+                    actor_loss = actor_loss - p.entropy_coef * ops.masked_mean(entropy, mask)
+                ptx = None
+                if p.ptx_coef > 0 and self.ptx:
+                    ptx = self._ptx_loss(updates_before + n)
+                    actor_loss = actor_loss + p.ptx_coef * ptx
+                failure.check_finite(float(actor_loss.detach()), "PPO policy loss", iteration)
+                self.actor.backward(actor_loss)
+                self.actor.step()
+
+                values = response_values(self.critic, mb.query, mb.query_mask, mb.response, mask)
+                vl = ops.value_loss(values, mb.values, mb.returns, mask, p.cliprange_value)
+                failure.check_finite(float(vl.loss.detach()), "PPO value loss", iteration)
+                self.critic.backward(p.vf_coef * vl.loss)
+                self.critic.step()
+
+                step_stats = {
+                    c.M_PPO_POLICY_LOSS: float(pl.loss.detach()), c.M_PPO_VALUE_LOSS: float(vl.loss.detach()),
+                    c.M_PPO_CLIP_FRACTION: float(pl.clip_fraction), c.M_PPO_APPROX_KL: float(pl.approx_kl),
+                    "value_clip_fraction": float(vl.clip_fraction),
+                }
+                if ptx is not None:
+                    step_stats["ptx_loss"] = float(ptx.detach())
+                for k, v in step_stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n += 1
+        return {k: self.strategy.all_reduce_mean(v / n) for k, v in sums.items()}
+
+    # -- statistics --
+
+    def rollout_stats(self, ro: Rollout, entropy: torch.Tensor) -> dict[str, float]:
+        """Statistics of one rollout, averaged over all processes."""
+        s, mask = self.strategy, ro.response_mask
+        n = s.all_reduce_sum(float(len(ro)))
+        score_sum = s.all_reduce_sum(float(ro.scores.sum()))
+        score_sq = s.all_reduce_sum(float((ro.scores.double() ** 2).sum()))
+        mean = score_sum / n
+        std = math.sqrt(max(score_sq / n - mean**2, 0.0) * n / max(n - 1, 1))
+        return {
+            c.M_PPO_REWARD_MEAN: mean,
+            c.M_PPO_REWARD_STD: std,
+            c.M_PPO_KL: s.all_reduce_mean(float((ro.kl * mask).sum(1).mean())),
+            c.M_PPO_ENTROPY: s.all_reduce_mean(float(entropy)),
+            c.M_PPO_RESPONSE_LENGTH: s.all_reduce_mean(float(mask.sum(1).float().mean())),
+            c.M_PPO_ADVANTAGES_MEAN: s.all_reduce_mean(float(ops.masked_mean(ro.advantages, mask))),
+            c.M_PPO_RETURNS_MEAN: s.all_reduce_mean(float(ops.masked_mean(ro.returns, mask))),
+            c.M_PPO_VALUES_MEAN: s.all_reduce_mean(float(ops.masked_mean(ro.values, mask))),
+            "non_score_reward": s.all_reduce_mean(float((-self.kl_ctl.value * ro.kl * mask).sum(1).mean())),
+        }
+
+
+# --- checkpoints and export ----------------------------------------------------------------------
+
+
+def save_checkpoint(ckpt: CheckpointManager, strategy: Strategy, trainer: PPOTrainer, iteration: int,
+                    state: dict[str, Any], plan: dict[str, Any], metrics: TrainerMetrics) -> None:
+    t0 = time.perf_counter()
+
+    def write(tmp: Path) -> None:
+        strategy.save(trainer.actor, tmp / "actor")
+        strategy.save(trainer.critic, tmp / "critic")
+        if strategy.is_main:
+            (tmp / STATE_FILE).write_text(json.dumps({**state, "kl_controller": trainer.kl_ctl.state_dict()}, indent=2))
+
+    ckpt.save(iteration, write, {"stage": "ppo", "plan": plan, "metrics": state.get("last_metrics", {})})
+    metrics.observe_checkpoint(time.perf_counter() - t0, iteration)
+
+
+def resume_state(cfg: TrainerConfig, strategy: Strategy, trainer: PPOTrainer, ckpt: CheckpointManager,
+                 plan: dict[str, Any]) -> dict[str, Any] | None:
+    """Restore actor, critic (with optimizers, schedulers, RNG) and the loop state of the newest checkpoint."""
+    latest = ckpt.latest() if cfg.checkpoint.resume else None
+    if latest is None:
+        return None
+    meta = ckpt.read_meta(latest)
+    if meta.get("stage") != "ppo":
+        raise ConfigError(
+            f"checkpoint.dir {cfg.checkpoint.dir} holds a {meta.get('stage')} checkpoint ({latest.name}) but this "
+            "run is the ppo stage; use an empty checkpoint directory per job"
+        )
+    if meta.get("plan") != plan:
+        raise ConfigError(
+            f"checkpoint {latest} was written with {meta.get('plan')} but this run has {plan}; resume with the same "
+            "prompts, rollout size, processes and seed (or set checkpoint.resume: false)"
+        )
+    strategy.load(trainer.actor, latest / "actor")
+    strategy.load(trainer.critic, latest / "critic")
+    saved = json.loads((latest / STATE_FILE).read_text())
+    trainer.kl_ctl.load_state_dict(saved.pop("kl_controller"))
+    log(f"resumed from {latest} at iteration {saved['iteration']}")
+    return saved
+
+
+# --- the stage -----------------------------------------------------------------------------------
+
+
+def planned_iterations(cfg: TrainerConfig, n_prompts: int, world_size: int) -> int:
+    if cfg.training.max_steps > 0:
+        return cfg.training.max_steps
+    per_iteration = cfg.ppo.rollout_batch_size * world_size
+    return max(1, math.ceil(cfg.training.epochs * n_prompts / per_iteration))
+
+
+def load_ptx(cfg: TrainerConfig, tokenizer) -> list[tuple[list[int], list[int]]]:
+    if cfg.ppo.ptx_coef <= 0:
+        return []
+    if not (cfg.ppo.ptx_dataset.path or cfg.ppo.ptx_dataset.hub_id):
+        raise failure.DataError("ppo.ptx_dataset: set path to text data, or set ppo.ptx_coef to 0")
+    examples = data.load_sft_splits(cfg.ppo.ptx_dataset).train
+    return [encode_sft(tokenizer, ex, cfg.training.max_length, loss_on_prompt=True) for ex in examples]
+
+
+def run(cfg: TrainerConfig) -> dict[str, Any]:
+    """Run (or resume) the PPO stage; returns the final metrics, the metadata and the export path."""
+    with failure.GracefulStop() as stop:
+        records = data.load_prompt_records(cfg.dataset).train  # data errors surface before any model loads
+        strategy = Strategy(cfg).setup()
+        metrics = TrainerMetrics(cfg, is_main=strategy.is_main)
+        metrics.start_server()
+        try:
+            return _run(cfg, strategy, metrics, stop, records)
+        finally:
+            metrics.stop_server()
+
+
+def _run(cfg: TrainerConfig, strategy: Strategy, metrics: TrainerMetrics, stop: failure.GracefulStop,
+         records: list[Record]) -> dict[str, Any]:
+    p = cfg.ppo
+    m = load_models(cfg)
+    ptx = load_ptx(cfg, m.tokenizer)
+    total = planned_iterations(cfg, len(records), strategy.world_size)
+    updates_per_iteration = p.ppo_epochs * math.ceil(p.rollout_batch_size / p.minibatch_size)
+    optimizer_steps = max(1, total * updates_per_iteration // cfg.training.gradient_accumulation_steps)
+    actor_engine = strategy.prepare(m.actor, cfg.training.learning_rate, optimizer_steps)
+    critic_engine = strategy.prepare(m.critic, p.critic_learning_rate or cfg.training.learning_rate, optimizer_steps)
+    strategy.prepare_frozen(m.reference)
+    if isinstance(m.scorer, RewardModelScorer):
+        strategy.prepare_frozen(m.scorer.model)
+    trainer = PPOTrainer(cfg, strategy, m, actor_engine, critic_engine, ptx)
+    schedule = PromptSchedule(len(records), p.rollout_batch_size, strategy.world_size, cfg.training.seed)
+    plan = {"prompts": len(records), "rollout_batch_size": p.rollout_batch_size,
+            "world_size": strategy.world_size, "seed": cfg.training.seed}
+    metrics.set_total_steps(total)
+
+    ckpt = CheckpointManager.from_config(cfg, dist=strategy)
+    state: dict[str, Any] = {"iteration": 0, "prompt_position": 0, "initial_reward_mean": None, "last_metrics": {}}
+    resumed = resume_state(cfg, strategy, trainer, ckpt, plan)
+    state.update(resumed or {})
+    start = iteration = int(state["iteration"])
+    last_saved = iteration if resumed else None
+    while iteration < total:
+        if stop.should_stop(iteration, strategy):
+            if last_saved != iteration and iteration > 0:
+                save_checkpoint(ckpt, strategy, trainer, iteration, state, plan, metrics)
+            raise failure.Preempted(f"stopped at iteration {iteration} of {total}; checkpoint saved, resume to continue")
+        values = run_iteration(trainer, records, schedule, iteration)
+        iteration += 1
+        values[c.M_EPOCH] = schedule.position(iteration) / len(records)
+        metrics.add_samples(int(values.pop("samples")))
+        metrics.add_tokens(int(values.pop("tokens")))
+        if iteration % cfg.training.log_every == 0 or iteration == total:
+            metrics.log_step(iteration, values)
+        if state["initial_reward_mean"] is None:
+            state["initial_reward_mean"] = values[c.M_PPO_REWARD_MEAN]
+        state.update(iteration=iteration, prompt_position=schedule.position(iteration), last_metrics=values)
+        if cfg.checkpoint.every_steps and iteration % cfg.checkpoint.every_steps == 0:
+            save_checkpoint(ckpt, strategy, trainer, iteration, state, plan, metrics)
+            last_saved = iteration
+    if last_saved != iteration:
+        save_checkpoint(ckpt, strategy, trainer, iteration, state, plan, metrics)
+
+    last = state["last_metrics"]
+    summary = {
+        "initial_reward_mean": state["initial_reward_mean"],
+        "final_reward_mean": last.get(c.M_PPO_REWARD_MEAN),
+        "final_kl": last.get(c.M_PPO_KL),
+        "final_kl_coef": trainer.kl_ctl.value,
+        "scorer": p.reward_fn or p.reward_model.path,
+        "prompts": len(records),
+    }
+    meta = build_metadata(cfg, iteration, last, summary)
+    state_dict = strategy.full_state_dict(actor_engine)  # collective under ZeRO-3
+    final = export_final(cfg, lambda d: models.save_causal_lm(strategy.unwrap(actor_engine), m.tokenizer, d, state_dict),
+                         meta, strategy.is_main)
+    strategy.barrier()
+    if strategy.is_main:
+        log(f"done: {iteration} iterations; mean reward {summary['initial_reward_mean']} -> "
+            f"{summary['final_reward_mean']}, KL {summary['final_kl']}; final model at {final}")
+    return {"step": iteration, "metrics": last, **summary, "final_dir": str(final), "resumed_from": start or None}
+
+
+def run_iteration(trainer: PPOTrainer, records: list[Record], schedule: PromptSchedule, iteration: int) -> dict[str, float]:
+    """Generate, score and train on one rollout; returns the iteration's metrics (all processes)."""
+    strategy, p = trainer.strategy, trainer.p
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    batch = [records[i] for i in schedule.indices(iteration, strategy.rank)]
+    ro, entropy = trainer.rollout(batch, iteration, timings)
+    values = trainer.rollout_stats(ro, entropy)
+    t0 = time.perf_counter()
+    values.update(trainer.train(ro, iteration, iteration * p.ppo_epochs * math.ceil(p.rollout_batch_size / p.minibatch_size)))
+    timings["train"] = time.perf_counter() - t0
+    trainer.kl_ctl.update(values[c.M_PPO_KL], len(ro) * strategy.world_size)
+    generated = strategy.all_reduce_sum(float(ro.response_mask.sum()))
+    grad_norm = trainer.actor.get_global_grad_norm()
+    values.update({
+        c.M_PPO_KL_COEF: trainer.kl_ctl.value,
+        c.M_LOSS: values[c.M_PPO_POLICY_LOSS] + p.vf_coef * values[c.M_PPO_VALUE_LOSS],
+        c.M_LEARNING_RATE: trainer.actor.get_lr()[0],
+        c.M_TOKENS_PER_SECOND: generated / max(time.perf_counter() - t_start, 1e-9),
+        **({c.M_GRAD_NORM: float(grad_norm)} if grad_norm is not None else {}),
+        **{f"{c.M_PPO_PHASE_SECONDS}/{k}": v for k, v in timings.items()},
+        "samples": float(len(ro) * strategy.world_size),
+        "tokens": strategy.all_reduce_sum(float(ro.response_mask.sum() + ro.query_mask.sum())),
+    })
+    return values
