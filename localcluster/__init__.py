@@ -1,1 +1,14 @@
-"""Embedded Kubernetes cluster: control plane built from source, plus a local node agent."""
+"""Embedded Kubernetes cluster: control plane built from source, plus a local node agent.
+
+    from localcluster import Cluster
+    c = Cluster("/tmp/my-cluster")      # state directory
+    c.up()                              # etcd, API server, controllers, scheduler, node agent; waits until ready
+    subprocess.run(["kubectl", "get", "nodes"], env=c.env)
+    print(c.logs("default", "my-pod"))  # a container's log, written by the node agent
+    c.down()                            # stops exactly the processes it started, and their children
+"""
+
+from .controlplane import Cluster, ClusterError
+from .provision import K8S_VERSION, ProvisionError
+
+__all__ = ["Cluster", "ClusterError", "K8S_VERSION", "ProvisionError"]
