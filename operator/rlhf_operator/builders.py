@@ -1,0 +1,376 @@
+"""Child objects of a job, built by pure functions (dict in, dict out).
+
+Names are deterministic (`<job>-checkpoints`, `<job>-config`, `<job>-trainer-<attempt>`), so
+creating them again after an operator restart finds the existing object (409) instead of making a
+second one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import posixpath
+from typing import Any
+
+from rlhf_trainer import config as tc
+from rlhf_trainer import contract
+
+from rlhf_operator import jobspec
+from rlhf_operator.crd_schema import API_VERSION, KINDS, camel
+from rlhf_operator.settings import Settings
+
+LABEL_JOB = "rlhf.io/job"
+LABEL_KIND = "rlhf.io/kind"
+LABEL_STAGE = "rlhf.io/stage"
+LABEL_ATTEMPT = "rlhf.io/attempt"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGER = "rlhf-operator"
+ANN_RESTART_COUNT = "rlhf.io/restart-count"
+ANN_CONFIG_HASH = "rlhf.io/config-hash"
+CONTAINER = "trainer"
+CLAIMS_MOUNT = "/mnt/claims"
+CONFIGMAPS_MOUNT = "/mnt/configmaps"
+CONFIG_PATH = posixpath.join(tc.CONFIG_MOUNT_DIR, tc.CONFIG_FILE_NAME)
+GPU_RESOURCE = "nvidia.com/gpu"
+TERMINATION_GRACE_SECONDS = 120  # the trainer writes a checkpoint on SIGTERM
+
+
+def pvc_name(job: str) -> str:
+    return f"{job}-checkpoints"
+
+
+def configmap_name(job: str) -> str:
+    return f"{job}-config"
+
+
+def pod_name(job: str, attempt: int) -> str:
+    return f"{job}-trainer-{attempt}"
+
+
+def labels(kind: str, name: str) -> dict[str, str]:
+    return {
+        LABEL_JOB: name,
+        LABEL_KIND: kind,
+        LABEL_STAGE: KINDS[kind].stage,
+        LABEL_MANAGED_BY: MANAGER,
+        "app.kubernetes.io/part-of": "rlhf-platform",
+    }
+
+
+def owner_reference(job: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": job["kind"],
+        "name": job["metadata"]["name"],
+        "uid": job["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _meta(job: dict[str, Any], name: str, owned: bool = True) -> dict[str, Any]:
+    m = job["metadata"]
+    meta = {"name": name, "namespace": m["namespace"], "labels": labels(job["kind"], m["name"])}
+    if owned:
+        meta["ownerReferences"] = [owner_reference(job)]
+    return meta
+
+
+# --- volumes ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Mount:
+    """A read-only input volume: a claim or a ConfigMap, at a fixed place."""
+
+    volume: dict[str, Any]  # the pod volume source, without its name
+    path: str
+
+
+def _claim_mount(claim: str) -> Mount:
+    return Mount({"persistentVolumeClaim": {"claimName": claim, "readOnly": True}}, posixpath.join(CLAIMS_MOUNT, claim))
+
+
+def _job_mount(job: str, claim: str) -> Mount:
+    return Mount({"persistentVolumeClaim": {"claimName": claim, "readOnly": True}}, posixpath.join(tc.INPUTS_MOUNT, job))
+
+
+def _under(root: str, rel: str) -> str:
+    return posixpath.normpath(posixpath.join(root, rel.lstrip("/"))) if rel else root
+
+
+def resolve_model(
+    kind: str, role: str, source: dict[str, Any], dep_claims: dict[str, str]
+) -> tuple[dict[str, Any], list[Mount]]:
+    """A CRD model source -> (TrainerConfig ModelConfig dict, volumes it needs)."""
+    model: dict[str, Any] = {}
+    mounts: list[Mount] = []
+    tokenizer = source.get("tokenizerPath", "")
+    ref = source.get("fromJob")
+    if isinstance(ref, dict) and ref.get("name"):
+        job = ref["name"]
+        mount = _job_mount(job, dep_claims.get(job) or pvc_name(job))
+        mounts.append(mount)
+        model["path"] = posixpath.join(mount.path, tc.FINAL_SUBDIR)
+    elif source.get("claim"):
+        mount = _claim_mount(source["claim"])
+        mounts.append(mount)
+        model["path"] = _under(mount.path, source.get("path", ""))
+        tokenizer = _under(mount.path, tokenizer) if tokenizer else ""
+    elif source.get("path"):
+        model["path"] = source["path"]
+    elif source.get("hubId"):
+        model["hub_id"] = source["hubId"]
+    if source.get("initFromConfig"):
+        model["init_from_config"] = dict(source["initFromConfig"])
+    if tokenizer:
+        model["tokenizer_path"] = tokenizer
+    return model, mounts
+
+
+def resolve_dataset(ds: dict[str, Any]) -> tuple[dict[str, Any], list[Mount]]:
+    """A CRD dataset -> (TrainerConfig DatasetConfig dict, volumes it needs)."""
+    out = _snake_section(tc.DatasetConfig, {k: v for k, v in ds.items() if k not in ("path", "claim", "configMap", "hubId")})
+    mounts: list[Mount] = []
+    if ds.get("configMap"):
+        cm = ds["configMap"]
+        mount = Mount({"configMap": {"name": cm["name"]}}, posixpath.join(CONFIGMAPS_MOUNT, cm["name"]))
+        mounts.append(mount)
+        out["path"] = posixpath.join(mount.path, cm["key"])
+    elif ds.get("claim"):
+        mount = _claim_mount(ds["claim"])
+        mounts.append(mount)
+        out["path"] = _under(mount.path, ds.get("path", ""))
+    elif ds.get("path"):
+        out["path"] = ds["path"]
+    elif ds.get("hubId"):
+        out["hub_id"] = ds["hubId"]
+    return out, mounts
+
+
+def _snake_section(cls: type, section: dict[str, Any]) -> dict[str, Any]:
+    """camelCase CRD section -> snake_case trainer section; unknown keys pass through so the
+    trainer's parser names them."""
+    names = {camel(f.name): f.name for f in dataclasses.fields(cls)}
+    return {names.get(k, k): v for k, v in (section or {}).items()}
+
+
+# --- the trainer config --------------------------------------------------------------------
+
+def trainer_config_dict(
+    job: dict[str, Any], settings: Settings, dep_claims: dict[str, str] | None = None
+) -> tuple[dict[str, Any], list[Mount]]:
+    """The TrainerConfig (as a plain dict) for a job and the input volumes it refers to."""
+    kind, meta, spec = job["kind"], job["metadata"], job.get("spec") or {}
+    dep_claims = dep_claims or {}
+    mounts: list[Mount] = []
+    cfg: dict[str, Any] = {
+        "stage": KINDS[kind].stage,
+        "job": {"name": meta["name"], "namespace": meta["namespace"], "kind": kind},
+        "training": _snake_section(tc.TrainingConfig, spec.get("training")),
+        "deepspeed": _snake_section(tc.DeepSpeedConfig, spec.get("deepspeed")),
+        "checkpoint": {"dir": tc.CHECKPOINT_MOUNT, "resume": True},
+        "metrics": {"port": settings.trainer_metrics_port, "host": ""},
+    }
+    cp = spec.get("checkpoint") or {}
+    if "everySteps" in cp:
+        cfg["checkpoint"]["every_steps"] = cp["everySteps"]
+    if "keepLast" in cp:
+        cfg["checkpoint"]["keep_last"] = cp["keepLast"]
+    cfg["dataset"], ms = resolve_dataset(spec.get("dataset") or {})
+    mounts += ms
+    if kind == "PPOJob":
+        ppo = _snake_section(tc.PPOConfig, spec.get("ppo"))
+        for role, key in (("actor", "actor"), ("rewardModel", "reward_model"), ("critic", "critic"), ("reference", "reference")):
+            if isinstance(spec.get(role), dict):
+                ppo[key], ms = resolve_model(kind, role, spec[role], dep_claims)
+                mounts += ms
+        if spec.get("ptxDataset"):
+            ppo["ptx_dataset"], ms = resolve_dataset(spec["ptxDataset"])
+            mounts += ms
+        cfg["ppo"] = ppo
+    else:
+        cfg["model"], ms = resolve_model(kind, "model", spec.get("model") or {}, dep_claims)
+        mounts += ms
+        if kind == "SFTJob":
+            cfg["sft"] = _snake_section(tc.SFTConfig, spec.get("sft"))
+        else:
+            cfg["reward"] = _snake_section(tc.RewardConfig, spec.get("reward"))
+    cfg["inputs"] = {
+        ref.name: posixpath.join(tc.INPUTS_MOUNT, ref.name, tc.FINAL_SUBDIR) for ref in jobspec.dependencies(kind, spec)
+    }
+    unique: dict[str, Mount] = {}
+    for m in mounts:
+        unique.setdefault(m.path, m)  # e.g. actor and reference from the same job share one volume
+    return cfg, list(unique.values())
+
+
+_FIELD_PATHS = {
+    "ppo.actor": "spec.actor", "ppo.reward_model": "spec.rewardModel", "ppo.critic": "spec.critic",
+    "ppo.reference": "spec.reference", "ppo.ptx_dataset": "spec.ptxDataset",
+}
+
+
+def spec_path(config_path: str) -> str:
+    """A trainer config field path (`training.batch_size`) -> the CRD field (`spec.training.batchSize`)."""
+    for prefix, target in _FIELD_PATHS.items():
+        if config_path == prefix or config_path.startswith(prefix + "."):
+            rest = config_path[len(prefix):]
+            return target + ".".join(camel(p) for p in rest.split("."))
+    return "spec." + ".".join(camel(p) for p in config_path.split("."))
+
+
+def render_config(job: dict[str, Any], settings: Settings, dep_claims: dict[str, str] | None = None) -> tuple[tc.TrainerConfig, list[Mount]]:
+    """Parse and validate the rendered config with the trainer's own parser.
+
+    Raises tc.ConfigError whose message names the CRD field (spec.*)."""
+    data, mounts = trainer_config_dict(job, settings, dep_claims)
+    try:
+        return tc.from_dict(data), mounts
+    except tc.ConfigError as e:
+        text = str(e)
+        head, sep, tail = text.partition(":")
+        if sep and " " not in head:
+            text = f"{spec_path(head)}:{tail}"
+        raise tc.ConfigError(text) from e
+
+
+def config_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# --- child objects ------------------------------------------------------------------------
+
+def build_configmap(job: dict[str, Any], config_yaml: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(job, configmap_name(job["metadata"]["name"])),
+        "data": {tc.CONFIG_FILE_NAME: config_yaml},
+    }
+
+
+def build_pvc(job: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """The checkpoint claim. Retained claims (the default) carry no owner reference, so deleting
+    the job keeps the trained model."""
+    cp = (job.get("spec") or {}).get("checkpoint") or {}
+    retain = cp.get("retainPolicy", "Retain") == "Retain"
+    spec: dict[str, Any] = {
+        "accessModes": [cp.get("accessMode", "ReadWriteOnce")],
+        "resources": {"requests": {"storage": str(cp.get("size") or settings.checkpoint_size)}},
+    }
+    storage_class = cp.get("storageClass") or settings.checkpoint_storage_class
+    if storage_class:
+        spec["storageClassName"] = storage_class
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _meta(job, pvc_name(job["metadata"]["name"]), owned=not retain),
+        "spec": spec,
+    }
+
+
+def trainer_command(stage: str, gpus: int, settings: Settings) -> list[str]:
+    tail = [stage, "--config", CONFIG_PATH]
+    if settings.trainer_command:
+        return [*settings.trainer_command, *tail]
+    if gpus > 1:
+        return ["torchrun", "--standalone", "--nnodes=1", f"--nproc_per_node={gpus}", "-m", "rlhf_trainer", *tail]
+    return ["python", "-m", "rlhf_trainer", *tail]
+
+
+def _env(job: dict[str, Any]) -> list[dict[str, Any]]:
+    m = job["metadata"]
+    field = lambda path: {"valueFrom": {"fieldRef": {"fieldPath": path}}}  # noqa: E731
+    env = [
+        {"name": contract.ENV_CONFIG, "value": CONFIG_PATH},
+        {"name": contract.ENV_JOB_NAME, "value": m["name"]},
+        {"name": contract.ENV_JOB_NAMESPACE, "value": m["namespace"]},
+        {"name": contract.ENV_JOB_KIND, "value": job["kind"]},
+        {"name": contract.ENV_POD_NAME, **field("metadata.name")},
+        {"name": contract.ENV_POD_IP, **field("status.podIP")},
+        {"name": contract.ENV_TERMINATION_LOG, "value": contract.DEFAULT_TERMINATION_LOG},
+    ]
+    return env + [dict(v) for v in (job.get("spec") or {}).get("env") or []]
+
+
+def _resources(spec: dict[str, Any]) -> dict[str, Any]:
+    res = spec.get("resources") or {}
+    gpus = res.get("gpus", 1)
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if res.get("cpu") is not None:
+        requests["cpu"] = str(res["cpu"])
+    if res.get("memory") is not None:
+        requests["memory"] = limits["memory"] = str(res["memory"])
+    if gpus:
+        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(gpus)
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def build_pod(
+    job: dict[str, Any],
+    settings: Settings,
+    attempt: int,
+    restart_count: int,
+    config_digest: str,
+    inputs: list[Mount],
+) -> dict[str, Any]:
+    """The trainer pod of one attempt. No API credentials: the operator scrapes progress from
+    the pod's metrics port instead of the pod writing status."""
+    kind, name, spec = job["kind"], job["metadata"]["name"], job.get("spec") or {}
+    gpus = (spec.get("resources") or {}).get("gpus", 1)
+    sched = spec.get("scheduling") or {}
+    meta = _meta(job, pod_name(name, attempt))
+    meta["labels"].update({LABEL_ATTEMPT: str(attempt), "app.kubernetes.io/name": "rlhf-trainer"})
+    meta["annotations"] = {ANN_RESTART_COUNT: str(restart_count), ANN_CONFIG_HASH: config_digest}
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": configmap_name(name)}},
+        {"name": "checkpoints", "persistentVolumeClaim": {"claimName": pvc_name(name)}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": tc.CONFIG_MOUNT_DIR, "readOnly": True},
+        {"name": "checkpoints", "mountPath": tc.CHECKPOINT_MOUNT},
+    ]
+    for i, m in enumerate(inputs):
+        volumes.append({"name": f"input-{i}", **m.volume})
+        mounts.append({"name": f"input-{i}", "mountPath": m.path, "readOnly": True})
+    if gpus > 1:  # NCCL between local ranks needs more shared memory than the runtime's 64Mi default
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    tolerations = [dict(t) for t in sched.get("tolerations") or []]
+    if gpus and not any(t.get("key") == GPU_RESOURCE for t in tolerations):
+        tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
+    container = {
+        "name": CONTAINER,
+        "image": spec.get("image") or settings.trainer_image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": trainer_command(KINDS[kind].stage, gpus, settings),
+        "env": _env(job),
+        "ports": [{"name": "metrics", "containerPort": settings.trainer_metrics_port, "protocol": "TCP"}],
+        "resources": _resources(spec),
+        "volumeMounts": mounts,
+        "securityContext": dict(settings.trainer_container_security_context),
+        "terminationMessagePath": contract.DEFAULT_TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",  # the operator replaces failed pods so it can count and resume
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "securityContext": dict(settings.trainer_pod_security_context),
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    for key in ("nodeSelector", "affinity", "priorityClassName"):
+        if sched.get(key):
+            pod_spec[key] = sched[key]
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
+

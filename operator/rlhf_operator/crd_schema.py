@@ -1,0 +1,550 @@
+"""The CustomResourceDefinitions, built in Python so every field carries a description.
+
+The training sections (``training``, ``deepspeed``, ``sft``, ``reward``, ``ppo`` and the dataset
+options) are derived from the trainer's own dataclasses in :mod:`rlhf_trainer.config`: the help text
+of each dataclass field becomes the CRD description, its type becomes the OpenAPI type, a ``Literal``
+becomes an enum. A new trainer option therefore appears in the CRDs on the next
+``python -m rlhf_operator.crdgen`` and the operator renders it without further code.
+Everything that is Kubernetes-specific (model sources, volumes, resources, scheduling, the
+lifecycle knobs and the status) is declared here by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Literal
+
+from rlhf_trainer import config as tc
+
+GROUP = "rlhf.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+CATEGORY = "rlhf"
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    kind: str
+    plural: str
+    singular: str
+    short: str
+    stage: str  # the trainer stage (rlhf_trainer.config.STAGES)
+    metric_column: tuple[str, str, str]  # (column name, status.progress key, description)
+
+
+SFT = Kind("SFTJob", "sftjobs", "sftjob", "sft", "sft", ("Loss", "loss", "Latest training loss."))
+REWARD = Kind(
+    "RewardModelJob", "rewardmodeljobs", "rewardmodeljob", "rmj", "reward",
+    ("Accuracy", "accuracy", "Latest held-out pairwise accuracy."),
+)
+PPO = Kind("PPOJob", "ppojobs", "ppojob", "ppo", "ppo", ("Reward", "reward", "Latest mean reward of the rollouts."))
+KINDS: dict[str, Kind] = {k.kind: k for k in (SFT, REWARD, PPO)}
+
+# Which kinds a `fromJob` may name, per role; the first is the default when `kind` is omitted.
+FROM_JOB_KINDS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("SFTJob", "model"): ("SFTJob", "PPOJob"),
+    ("RewardModelJob", "model"): ("SFTJob", "RewardModelJob"),
+    ("PPOJob", "actor"): ("SFTJob", "PPOJob"),
+    ("PPOJob", "reference"): ("SFTJob", "PPOJob"),
+    ("PPOJob", "rewardModel"): ("RewardModelJob",),
+    ("PPOJob", "critic"): ("RewardModelJob",),
+}
+MODEL_ROLES: dict[str, tuple[str, ...]] = {
+    "SFTJob": ("model",),
+    "RewardModelJob": ("model",),
+    "PPOJob": ("actor", "rewardModel", "critic", "reference"),
+}
+# Roles a job cannot run without (critic and reference have defaults in the trainer).
+REQUIRED_ROLES: dict[str, tuple[str, ...]] = {
+    "SFTJob": ("model",),
+    "RewardModelJob": ("model",),
+    "PPOJob": ("actor", "rewardModel"),
+}
+
+PHASES = ("Pending", "Waiting", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
+CONDITION_TYPES = (
+    "Created", "WaitingForDependencies", "PodScheduled", "Running", "Restarting", "Suspended", "Succeeded", "Failed",
+)
+DEFAULT_BACKOFF_LIMIT = 3
+QUANTITY_PATTERN = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+
+
+def camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(p[:1].upper() + p[1:] for p in rest)
+
+
+# Bounds the trainer enforces (rlhf_trainer.config.validate) plus ones that only make sense;
+# declared in the schema so a bad value is refused at apply time with the field named.
+# Keys are (dataclass, field) in the trainer's snake_case; a test checks they all exist.
+BOUNDS: dict[tuple[type, str], dict[str, Any]] = {
+    (tc.TrainingConfig, "max_steps"): {"minimum": 0},
+    (tc.TrainingConfig, "epochs"): {"minimum": 0, "exclusiveMinimum": True},
+    (tc.TrainingConfig, "batch_size"): {"minimum": 1},
+    (tc.TrainingConfig, "gradient_accumulation_steps"): {"minimum": 1},
+    (tc.TrainingConfig, "learning_rate"): {"minimum": 0},
+    (tc.TrainingConfig, "weight_decay"): {"minimum": 0},
+    (tc.TrainingConfig, "warmup_steps"): {"minimum": 0},
+    (tc.TrainingConfig, "max_grad_norm"): {"minimum": 0},
+    (tc.TrainingConfig, "max_length"): {"minimum": 8},
+    (tc.TrainingConfig, "log_every"): {"minimum": 1},
+    (tc.TrainingConfig, "eval_every"): {"minimum": 0},
+    (tc.TrainingConfig, "threads"): {"minimum": 0},
+    (tc.DatasetConfig, "eval_fraction"): {"minimum": 0, "maximum": 1, "exclusiveMaximum": True},
+    (tc.DatasetConfig, "max_samples"): {"minimum": 0},
+    (tc.DatasetConfig, "min_train_samples"): {"minimum": 0},
+    (tc.DeepSpeedConfig, "zero_stage"): {"minimum": 0, "maximum": 3},
+    (tc.PPOConfig, "kl_coef"): {"minimum": 0},
+    (tc.PPOConfig, "kl_target"): {"minimum": 0},
+    (tc.PPOConfig, "kl_horizon"): {"minimum": 1},
+    (tc.PPOConfig, "cliprange"): {"minimum": 0},
+    (tc.PPOConfig, "cliprange_value"): {"minimum": 0},
+    (tc.PPOConfig, "vf_coef"): {"minimum": 0},
+    (tc.PPOConfig, "entropy_coef"): {"minimum": 0},
+    (tc.PPOConfig, "gamma"): {"minimum": 0, "maximum": 1},
+    (tc.PPOConfig, "lam"): {"minimum": 0, "maximum": 1},
+    (tc.PPOConfig, "reward_clip"): {"minimum": 0},
+    (tc.PPOConfig, "rollout_batch_size"): {"minimum": 1},
+    (tc.PPOConfig, "minibatch_size"): {"minimum": 1},
+    (tc.PPOConfig, "ppo_epochs"): {"minimum": 1},
+    (tc.PPOConfig, "max_prompt_length"): {"minimum": 1},
+    (tc.PPOConfig, "max_new_tokens"): {"minimum": 1},
+    (tc.PPOConfig, "temperature"): {"minimum": 0, "exclusiveMinimum": True},
+    (tc.PPOConfig, "top_k"): {"minimum": 0},
+    (tc.PPOConfig, "top_p"): {"minimum": 0, "exclusiveMinimum": True, "maximum": 1},
+    (tc.PPOConfig, "ptx_coef"): {"minimum": 0},
+    (tc.PPOConfig, "critic_learning_rate"): {"minimum": 0},
+}
+
+# Trainer fields that the CRD sets some other way (model sources, dataset location, fixed paths).
+SKIPPED_FIELDS: dict[type, tuple[str, ...]] = {
+    tc.DatasetConfig: ("path", "hub_id"),
+    tc.PPOConfig: ("actor", "reward_model", "critic", "reference", "ptx_dataset"),
+}
+
+
+def _obj(description: str, properties: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "object", "description": description}
+    if properties is not None:
+        out["properties"] = properties
+    out.update(extra)
+    return out
+
+
+def _str(description: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "string", "description": description, **extra}
+
+
+def _int(description: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "integer", "description": description, **extra}
+
+
+def _num(description: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "number", "description": description, **extra}
+
+
+def _bool(description: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "boolean", "description": description, **extra}
+
+
+def _free(description: str) -> dict[str, Any]:
+    return {"type": "object", "description": description, "x-kubernetes-preserve-unknown-fields": True}
+
+
+def _quantity(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "anyOf": [{"type": "integer"}, {"type": "string"}],
+        "pattern": QUANTITY_PATTERN,
+        "x-kubernetes-int-or-string": True,
+    }
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = f.default_factory()  # type: ignore[misc]
+    else:
+        return ""
+    if value in ("", {}, []):
+        return ""
+    if isinstance(value, bool):
+        value = str(value).lower()
+    return f" Default: {value}."
+
+
+def field_schema(cls: type, f: dataclasses.Field, tp: Any) -> dict[str, Any]:
+    """OpenAPI schema of one trainer dataclass field (scalars, enums and free-form mappings)."""
+    help_text = f.metadata.get("help", "")
+    desc = help_text + _default_text(f)
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        schema = _str(desc, enum=list(typing.get_args(tp)))
+    elif tp is bool:
+        schema = _bool(desc)
+    elif tp is int:
+        schema = _int(desc)
+    elif tp is float:
+        schema = _num(desc)
+    elif tp is str:
+        schema = _str(desc)
+    elif origin is dict:
+        schema = _free(desc)
+    else:  # pragma: no cover - a new kind of field needs a mapping here
+        raise TypeError(f"{cls.__name__}.{f.name}: no OpenAPI mapping for {tp!r}")
+    schema.update(BOUNDS.get((cls, f.name), {}))
+    return schema
+
+
+def section_schema(cls: type, description: str) -> dict[str, Any]:
+    """Schema of a trainer config section with camelCase property names."""
+    hints = typing.get_type_hints(cls)
+    props = {}
+    for f in dataclasses.fields(cls):
+        if f.name in SKIPPED_FIELDS.get(cls, ()):
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):  # nested sections are mapped by hand
+            continue
+        props[camel(f.name)] = field_schema(cls, f, hints[f.name])
+    return _obj(description, props)
+
+
+def from_job_schema(kind: str, role: str) -> dict[str, Any]:
+    allowed = FROM_JOB_KINDS[(kind, role)]
+    return _obj(
+        f"Use the final output of another job in this namespace. This job waits until that job has "
+        f"Succeeded, then mounts its checkpoint claim read-only at {tc.INPUTS_MOUNT}/<name> and starts from "
+        f"{tc.INPUTS_MOUNT}/<name>/{tc.FINAL_SUBDIR}. Allowed kinds here: {', '.join(allowed)}.",
+        {
+            "name": _str("Name of the job (same namespace).", minLength=1, maxLength=63),
+            "kind": _str(f"Kind of the job. Default: {allowed[0]}.", enum=list(KINDS)),
+        },
+        required=["name"],
+    )
+
+
+def model_source_schema(kind: str, role: str, description: str) -> dict[str, Any]:
+    return _obj(
+        description + " Set exactly one of path, hubId, fromJob or initFromConfig (claim goes with path).",
+        {
+            "path": _str(
+                "Directory of a Hugging Face model. Relative to the claim's root when `claim` is set, "
+                "otherwise an absolute path inside the trainer container."
+            ),
+            "claim": _str(
+                "PersistentVolumeClaim (same namespace) holding the model; mounted read-only at "
+                "/mnt/claims/<claim>."
+            ),
+            "hubId": _str("Hugging Face hub id (needs network access from the pod)."),
+            "fromJob": from_job_schema(kind, role),
+            "tokenizerPath": _str("Tokenizer directory when it differs from the model's (same rules as `path`)."),
+            "initFromConfig": _free(
+                "Build a fresh model from this transformers config (e.g. {model_type: gpt2, n_layer: 2}) "
+                "instead of loading weights; the tokenizer comes from `tokenizerPath`."
+            ),
+        },
+    )
+
+
+def dataset_schema(description: str) -> dict[str, Any]:
+    section = section_schema(tc.DatasetConfig, description)
+    props = {
+        "path": _str(
+            "File or directory of the data. Relative to the claim's root when `claim` is set, relative to the "
+            "ConfigMap when `configMap` is set, otherwise an absolute path inside the trainer container."
+        ),
+        "claim": _str("PersistentVolumeClaim (same namespace) holding the data; mounted read-only at /mnt/claims/<claim>."),
+        "configMap": _obj(
+            "A ConfigMap holding a small dataset file; mounted read-only at /mnt/configmaps/<name>.",
+            {
+                "name": _str("Name of the ConfigMap (same namespace).", minLength=1),
+                "key": _str("Key of the file in the ConfigMap.", minLength=1),
+            },
+            required=["name", "key"],
+        ),
+        "hubId": _str("Hugging Face dataset id (needs network access from the pod)."),
+    }
+    section["properties"] = {**props, **section["properties"]}
+    return section
+
+
+def resources_schema() -> dict[str, Any]:
+    return _obj(
+        "Compute for the trainer pod.",
+        {
+            "gpus": _int(
+                "GPUs per pod (requested as nvidia.com/gpu). More than one runs the trainer under torchrun "
+                "with one process per GPU. Allowed: 0, 1, 2, 4 or 8. Default: 1.",
+                minimum=0,
+            ),
+            "cpu": _quantity("CPU request, e.g. \"4\" or \"500m\"."),
+            "memory": _quantity("Memory request and limit, e.g. \"32Gi\"."),
+        },
+    )
+
+
+def scheduling_schema() -> dict[str, Any]:
+    toleration = _obj(
+        "A pod toleration (as in a Pod spec).",
+        {
+            "key": _str("Taint key to tolerate."),
+            "operator": _str("Exists or Equal.", enum=["Exists", "Equal"]),
+            "value": _str("Taint value (with Equal)."),
+            "effect": _str("Taint effect to tolerate.", enum=["NoSchedule", "PreferNoSchedule", "NoExecute"]),
+            "tolerationSeconds": _int("How long a NoExecute taint is tolerated.", minimum=0),
+        },
+    )
+    return _obj(
+        "Where the trainer pod may run.",
+        {
+            "nodeSelector": _obj("Node labels the pod requires.", additionalProperties={"type": "string"}),
+            "tolerations": {"type": "array", "description": "Taints the pod tolerates.", "items": toleration},
+            "affinity": _free("Pod affinity rules (as in a Pod spec)."),
+            "priorityClassName": _str("PriorityClass of the pod."),
+        },
+    )
+
+
+def deepspeed_schema() -> dict[str, Any]:
+    return section_schema(tc.DeepSpeedConfig, "DeepSpeed settings (ZeRO stage, offload, precision, extra config).")
+
+
+def checkpoint_schema() -> dict[str, Any]:
+    cp = {f.name: f for f in dataclasses.fields(tc.CheckpointConfig)}
+    hints = typing.get_type_hints(tc.CheckpointConfig)
+    every = field_schema(tc.CheckpointConfig, cp["every_steps"], hints["every_steps"])
+    keep = field_schema(tc.CheckpointConfig, cp["keep_last"], hints["keep_last"])
+    every["minimum"], keep["minimum"] = 0, 1
+    return _obj(
+        "The job's checkpoint claim: checkpoints, resume state and the final model that later stages read.",
+        {
+            "storageClass": _str("StorageClass of the claim. Default: the operator's setting, else the cluster default."),
+            "size": _quantity("Size of the claim. Default: the operator's setting (10Gi)."),
+            "accessMode": _str("Access mode of the claim.", enum=["ReadWriteOnce", "ReadWriteMany"], default="ReadWriteOnce"),
+            "everySteps": every,
+            "keepLast": keep,
+            "retainPolicy": _str(
+                "Retain keeps the claim (and the model in it) when the job is deleted; Delete removes it with the job.",
+                enum=["Retain", "Delete"],
+                default="Retain",
+            ),
+        },
+    )
+
+
+def env_schema() -> dict[str, Any]:
+    return {
+        "type": "array",
+        "description": "Extra environment variables for the trainer container (as in a Pod spec).",
+        "items": _obj(
+            "An environment variable.",
+            {
+                "name": _str("Variable name.", minLength=1),
+                "value": _str("Literal value."),
+                "valueFrom": _free("Source of the value (secretKeyRef, configMapKeyRef, fieldRef)."),
+            },
+            required=["name"],
+        ),
+    }
+
+
+def common_spec_properties() -> dict[str, Any]:
+    return {
+        "image": _str("Trainer image. Default: the operator's RLHF_TRAINER_IMAGE."),
+        "training": section_schema(tc.TrainingConfig, "Optimisation settings."),
+        "resources": resources_schema(),
+        "scheduling": scheduling_schema(),
+        "deepspeed": deepspeed_schema(),
+        "checkpoint": checkpoint_schema(),
+        "env": env_schema(),
+        "backoffLimit": _int(
+            "How many times a failed trainer pod is replaced (each resumes from the latest checkpoint). Trainer "
+            "exit codes 2, 3 and 4 (bad config, data or model) fail the job at once.",
+            minimum=0,
+            default=DEFAULT_BACKOFF_LIMIT,
+        ),
+        "activeDeadlineSeconds": _int(
+            "Fail the job when it has been running this long (counted from its latest start or resume).", minimum=1
+        ),
+        "ttlSecondsAfterFinished": _int("Delete the job this many seconds after it Succeeded or Failed.", minimum=0),
+        "suspend": _bool(
+            "Stop the trainer pod (it writes a checkpoint on SIGTERM) and keep the claim; set back to false to "
+            "resume from the latest checkpoint.",
+            default=False,
+        ),
+    }
+
+
+def spec_schema(kind: str) -> dict[str, Any]:
+    props = common_spec_properties()
+    if kind == "PPOJob":
+        props.update({
+            "actor": model_source_schema(kind, "actor", "Policy to train, usually fromJob an SFTJob."),
+            "rewardModel": model_source_schema(kind, "rewardModel", "Frozen reward model, usually fromJob a RewardModelJob."),
+            "critic": model_source_schema(kind, "critic", "Critic initialisation. Default: the reward model."),
+            "reference": model_source_schema(kind, "reference", "Frozen reference policy for the KL penalty. Default: the actor."),
+            "dataset": dataset_schema("Prompt dataset."),
+            "ptxDataset": dataset_schema("Text data for the pretraining (PTX) loss (used when ppo.ptxCoef > 0)."),
+            "ppo": section_schema(tc.PPOConfig, "PPO settings: KL penalty, clipping, GAE, rollout sizes, generation."),
+        })
+        required = ["actor", "rewardModel", "dataset"]
+    else:
+        props["model"] = model_source_schema(kind, "model", "Starting model.")
+        props["dataset"] = dataset_schema("Training data." if kind == "SFTJob" else "Preference pairs.")
+        if kind == "SFTJob":
+            props["sft"] = section_schema(tc.SFTConfig, "SFT settings.")
+        else:
+            props["reward"] = section_schema(tc.RewardConfig, "Reward-model settings.")
+        required = ["model", "dataset"]
+    return _obj(f"Desired state of the {kind}.", dict(sorted(props.items())), required=required)
+
+
+def condition_schema() -> dict[str, Any]:
+    return _obj(
+        "One aspect of the job's state (Kubernetes API conventions).",
+        {
+            "type": _str("Condition type.", enum=list(CONDITION_TYPES)),
+            "status": _str("True, False or Unknown.", enum=["True", "False", "Unknown"]),
+            "reason": _str("One CamelCase word saying why."),
+            "message": _str("Human-readable details."),
+            "lastTransitionTime": _str("When the status last changed.", format="date-time"),
+            "observedGeneration": _int("metadata.generation this condition was computed from."),
+        },
+        required=["type", "status"],
+    )
+
+
+def status_schema(kind: str) -> dict[str, Any]:
+    progress = _obj(
+        "Live training progress scraped from the trainer's metrics endpoint (refreshed while running).",
+        {
+            "step": _int("Latest optimizer step."),
+            "totalSteps": _int("Planned optimizer steps."),
+            "percent": _num("step / totalSteps in percent."),
+            "summary": _str("step/totalSteps for printing."),
+            "loss": _num("Latest training loss."),
+            "accuracy": _num("Latest held-out pairwise accuracy (reward model)."),
+            "reward": _num("Latest mean reward (PPO)."),
+            "kl": _num("Latest KL to the reference policy (PPO)."),
+            "checkpointStep": _int("Step of the newest complete checkpoint."),
+            "updateTime": _str("When the trainer was last scraped.", format="date-time"),
+        },
+    )
+    dep = _obj(
+        "An upstream job this job reads from.",
+        {
+            "role": _str("Which model of this job comes from it."),
+            "kind": _str("Kind of the upstream job."),
+            "name": _str("Name of the upstream job."),
+            "uid": _str("UID of the upstream job when it was first seen (a later different UID means it was replaced)."),
+            "phase": _str("Phase of the upstream job when last checked."),
+        },
+    )
+    return _obj(
+        f"Observed state of the {kind}.",
+        {
+            "phase": _str("Summary for printing; the conditions carry the details.", enum=list(PHASES)),
+            "observedGeneration": _int("metadata.generation the status was computed from."),
+            "conditions": {
+                "type": "array",
+                "description": "Conditions: Created, WaitingForDependencies, PodScheduled, Running, Restarting, "
+                "Suspended, Succeeded, Failed. Succeeded and Failed are terminal.",
+                "items": condition_schema(),
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["type"],
+            },
+            "startTime": _str("When the current run started (reset on resume).", format="date-time"),
+            "completionTime": _str("When the job Succeeded or Failed.", format="date-time"),
+            "restartCount": _int("How many failed trainer pods were replaced."),
+            "attempt": _int("Index of the newest trainer pod (<job>-trainer-<attempt>)."),
+            "trainerPod": _str("Name of the current trainer pod."),
+            "checkpoint": _obj(
+                "The job's checkpoint claim.",
+                {
+                    "claim": _str("Name of the PersistentVolumeClaim."),
+                    "latestStep": _int("Step of the newest complete checkpoint seen."),
+                    "retainPolicy": _str("Retain policy applied to the claim (Delete: owned by the job)."),
+                },
+            ),
+            "output": _obj(
+                "Where the final model is (set when the job Succeeded).",
+                {
+                    "claim": _str("Claim holding the final model."),
+                    "path": _str("Directory of the final model inside the claim."),
+                },
+            ),
+            "progress": progress,
+            "dependencies": {"type": "array", "description": "Upstream jobs (fromJob).", "items": dep},
+        },
+    )
+
+
+def printer_columns(k: Kind) -> list[dict[str, Any]]:
+    name, key, desc = k.metric_column
+    return [
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Phase of the job."},
+        {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary", "description": "step/total."},
+        {"name": name, "type": "number", "jsonPath": f".status.progress.{key}", "description": desc},
+        {"name": "Restarts", "type": "integer", "jsonPath": ".status.restartCount", "priority": 1,
+         "description": "Replaced trainer pods."},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]
+
+
+KIND_DESCRIPTIONS = {
+    "SFTJob": "Supervised fine-tuning of a causal language model.",
+    "RewardModelJob": "Training of a pairwise (Bradley-Terry) reward model on preference data.",
+    "PPOJob": "RLHF with PPO: an actor trained against a frozen reward model with a KL penalty to a reference.",
+}
+
+
+def crd(kind: str) -> dict[str, Any]:
+    k = KINDS[kind]
+    schema = _obj(
+        KIND_DESCRIPTIONS[kind],
+        {
+            "apiVersion": _str("API version of the object."),
+            "kind": _str("Kind of the object."),
+            "metadata": {"type": "object"},
+            "spec": spec_schema(kind),
+            "status": status_schema(kind),
+        },
+        required=["spec"],
+    )
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{k.plural}.{GROUP}",
+            "labels": {"app.kubernetes.io/part-of": "rlhf-platform"},
+        },
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": k.kind,
+                "listKind": f"{k.kind}List",
+                "plural": k.plural,
+                "singular": k.singular,
+                "shortNames": [k.short],
+                "categories": [CATEGORY],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "schema": {"openAPIV3Schema": schema},
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": printer_columns(k),
+                }
+            ],
+        },
+    }
+
+
+def all_crds() -> dict[str, dict[str, Any]]:
+    """File name -> CRD object."""
+    return {f"{GROUP}_{KINDS[kind].plural}.yaml": crd(kind) for kind in KINDS}

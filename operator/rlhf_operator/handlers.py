@@ -1,0 +1,75 @@
+"""kopf registrations: thin handlers that only route events to the reconciler.
+
+No change-detection handlers and no finalizers: every handler is an event or index handler, so
+kopf writes nothing to the jobs, and a job can be deleted even while the operator is down.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from rlhf_operator import builders, dependencies
+from rlhf_operator import status as status_mod
+from rlhf_operator.crd_schema import GROUP, KINDS, VERSION
+from rlhf_operator.reconciler import Reconciler
+
+log = logging.getLogger(__name__)
+POD_LABELS = {builders.LABEL_MANAGED_BY: builders.MANAGER, builders.LABEL_JOB: kopf.PRESENT, builders.LABEL_KIND: kopf.PRESENT}
+
+
+def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
+    # Same credentials as the reconciler's client: in-cluster service account, else $KUBECONFIG.
+    kopf.on.login(registry=registry)(kopf.login_via_client)
+    for kind in KINDS:
+        _register_kind(registry, reconciler, kind)
+
+    @kopf.index("pods", labels=POD_LABELS, id="trainer_pods_index", registry=registry)
+    def trainer_pods_index(body: kopf.Body, namespace: str, labels: dict[str, str], **_: Any) -> dict:
+        return {(namespace, labels[builders.LABEL_KIND], labels[builders.LABEL_JOB]): status_mod.pod_view(dict(body))}
+
+    @kopf.on.event("pods", labels=POD_LABELS, id="trainer_pod_event", registry=registry)
+    async def trainer_pod_event(namespace: str, labels: dict[str, str], **_: Any) -> None:
+        kind = labels[builders.LABEL_KIND]
+        if kind in KINDS:
+            await reconciler.trigger((namespace, kind, labels[builders.LABEL_JOB]))
+
+    @kopf.on.startup(registry=registry)
+    async def startup(**kwargs: Any) -> None:
+        indices = {k: v for k, v in kwargs.items() if k.endswith("_index")}
+        await reconciler.start(indices)
+        log.info("rlhf-operator started (namespaces: %s)", ", ".join(reconciler.settings.watch_namespaces) or "all")
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(**_: Any) -> None:
+        await reconciler.stop()
+
+
+def _register_kind(registry: kopf.OperatorRegistry, reconciler: Reconciler, kind: str) -> None:
+    plural = KINDS[kind].plural
+
+    def job_index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict:
+        return {(namespace, name): dependencies.summarize(kind, dict(body))}
+
+    async def job_event(event: dict[str, Any], body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
+        meta, status = body.get("metadata", {}), body.get("status", {})
+        uid = meta.get("uid", "")
+        key = (namespace, kind, name)
+        if event.get("type") == "DELETED":
+            reconciler.forget(key, uid)
+            reconciler.seen_phases.pop(uid, None)
+            reconciler.trigger_dependents(namespace, kind, name)
+            return
+        phase = status.get("phase", "")
+        reconciler.phases.update(uid, kind, phase)
+        if reconciler.seen_phases.get(uid) != phase:
+            reconciler.seen_phases[uid] = phase
+            reconciler.trigger_dependents(namespace, kind, name)  # they wait for this job, or must fail
+        # Our own status writes come back as events too; only new specs and first sight need a pass.
+        if event.get("type") in (None, "ADDED") or status.get("observedGeneration") != meta.get("generation"):
+            await reconciler.trigger(key)
+
+    kopf.index(GROUP, VERSION, plural, id=f"{plural}_index", registry=registry)(job_index)
+    kopf.on.event(GROUP, VERSION, plural, id=f"{plural}_event", registry=registry)(job_event)

@@ -1,0 +1,165 @@
+"""Reading a job's spec: its model sources, its upstream jobs, and the rules a schema cannot express.
+
+Pure functions. The admission webhook rejects with these messages at apply time; the reconciler
+applies the same rules and reports a violation as a Failed condition (reason InvalidSpec), so a
+cluster without the webhook still gets the same, clear answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from rlhf_trainer import contract
+
+from rlhf_operator.crd_schema import FROM_JOB_KINDS, MODEL_ROLES
+
+MAX_NAME_LENGTH = 63  # the job name is a label value on every child
+ALLOWED_GPUS = (0, 1, 2, 4, 8)  # per pod: ZeRO partitions and GPU nodes come in powers of two
+RESERVED_ENV = frozenset({
+    contract.ENV_CONFIG, contract.ENV_JOB_NAME, contract.ENV_JOB_NAMESPACE, contract.ENV_JOB_KIND,
+    contract.ENV_POD_NAME, contract.ENV_POD_IP, contract.ENV_TERMINATION_LOG,
+})
+# Fields that may change while a trainer pod exists (batch/v1 Job allows the same ones).
+MUTABLE_WHILE_RUNNING = frozenset({"suspend", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "backoffLimit"})
+MUTABLE_WHEN_FINISHED = frozenset({"ttlSecondsAfterFinished"})
+CHECKPOINT_MUTABLE = frozenset({"retainPolicy", "everySteps", "keepLast"})
+
+
+@dataclasses.dataclass(frozen=True)
+class DepRef:
+    """An upstream job named by `fromJob`."""
+
+    roles: tuple[str, ...]  # e.g. ("actor", "reference") when both come from one job
+    kind: str
+    name: str
+
+
+def model_sources(kind: str, spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """role -> model source, for the roles that are set."""
+    return {role: spec[role] for role in MODEL_ROLES[kind] if isinstance(spec.get(role), dict)}
+
+
+def from_job_kind(kind: str, role: str, ref: dict[str, Any]) -> str:
+    return ref.get("kind") or FROM_JOB_KINDS[(kind, role)][0]
+
+
+def dependencies(kind: str, spec: dict[str, Any]) -> list[DepRef]:
+    """Upstream jobs in a stable order, one entry per (kind, name)."""
+    roles: dict[tuple[str, str], list[str]] = {}
+    for role, source in model_sources(kind, spec).items():
+        ref = source.get("fromJob")
+        if isinstance(ref, dict) and ref.get("name"):
+            roles.setdefault((from_job_kind(kind, role, ref), ref["name"]), []).append(role)
+    return [DepRef(tuple(r), k, n) for (k, n), r in roles.items()]
+
+
+def _model_errors(kind: str, role: str, source: dict[str, Any]) -> list[str]:
+    where = f"spec.{role}"
+    chosen = [k for k in ("path", "hubId", "fromJob", "initFromConfig") if source.get(k)]
+    if source.get("claim") and "path" not in chosen:
+        chosen.insert(0, "path")  # a claim alone means the claim's root directory
+    errors = []
+    if not chosen:
+        errors.append(f"{where}: set one of path (optionally with claim), hubId, fromJob or initFromConfig")
+    elif len(chosen) > 1:
+        errors.append(f"{where}: set only one of {', '.join(chosen)}")
+    ref = source.get("fromJob")
+    if isinstance(ref, dict):
+        allowed = FROM_JOB_KINDS[(kind, role)]
+        ref_kind = from_job_kind(kind, role, ref)
+        if ref_kind not in allowed:
+            errors.append(f"{where}.fromJob.kind: a {ref_kind} cannot be used as {role}; use one of {', '.join(allowed)}")
+    if source.get("initFromConfig") and not source.get("tokenizerPath"):
+        errors.append(f"{where}.tokenizerPath: required with initFromConfig (a fresh model still needs a tokenizer)")
+    return errors
+
+
+def _dataset_errors(where: str, ds: dict[str, Any]) -> list[str]:
+    chosen = [k for k in ("path", "configMap", "hubId") if ds.get(k)]
+    if ds.get("claim") and "path" not in chosen:
+        chosen.insert(0, "path")
+    if ds.get("configMap") and ds.get("claim"):
+        return [f"{where}: claim and configMap cannot be combined"]
+    if ds.get("configMap") and "path" in chosen:
+        chosen.remove("path")  # path is not used with a ConfigMap (the key names the file)
+    if not chosen:
+        return [f"{where}: set one of path (optionally with claim), configMap or hubId"]
+    if len(chosen) > 1:
+        return [f"{where}: set only one of {', '.join(chosen)}"]
+    return []
+
+
+def validate(kind: str, name: str, spec: dict[str, Any], max_gpus: int = 8) -> list[str]:
+    """Errors of rules the schema cannot express, each naming the field and the fix."""
+    errors: list[str] = []
+    if len(name) > MAX_NAME_LENGTH:
+        errors.append(f"metadata.name: at most {MAX_NAME_LENGTH} characters (it is a label value on the job's pods), got {len(name)}")
+    for role, source in model_sources(kind, spec).items():
+        errors += _model_errors(kind, role, source)
+    for ref in dependencies(kind, spec):
+        if ref.kind == kind and ref.name == name:
+            errors.append(f"spec.{ref.roles[0]}.fromJob.name: a job cannot depend on itself")
+    if isinstance(spec.get("dataset"), dict):
+        errors += _dataset_errors("spec.dataset", spec["dataset"])
+    if kind == "PPOJob" and spec.get("ptxDataset"):
+        errors += _dataset_errors("spec.ptxDataset", spec["ptxDataset"])
+    gpus = (spec.get("resources") or {}).get("gpus", 1)
+    if gpus not in ALLOWED_GPUS or gpus > max_gpus:
+        allowed = ", ".join(str(g) for g in ALLOWED_GPUS if g <= max_gpus)
+        errors.append(f"spec.resources.gpus: {gpus} GPUs per pod cannot be used; choose one of {allowed}")
+    ds = spec.get("deepspeed") or {}
+    if ds.get("bf16") and ds.get("fp16"):
+        errors.append("spec.deepspeed: bf16 and fp16 are both true; choose one")
+    if ds.get("offloadParams") and ds.get("zeroStage", 0) != 3:
+        errors.append("spec.deepspeed.offloadParams: parameter offload needs zeroStage 3")
+    ppo = spec.get("ppo") or {}
+    if "minibatchSize" in ppo and ppo["minibatchSize"] > ppo.get("rolloutBatchSize", 16):
+        errors.append(
+            f"spec.ppo.minibatchSize: {ppo['minibatchSize']} is larger than ppo.rolloutBatchSize "
+            f"({ppo.get('rolloutBatchSize', 16)}); make it smaller or equal"
+        )
+    for i, var in enumerate(spec.get("env") or []):
+        if var.get("name") in RESERVED_ENV:
+            errors.append(f"spec.env[{i}].name: {var['name']} is set by the operator; remove it")
+    return errors
+
+
+def is_running(status: dict[str, Any]) -> bool:
+    """A trainer pod exists or is being replaced (so the rendered config is in use)."""
+    phase = (status or {}).get("phase")
+    return bool((status or {}).get("trainerPod")) and phase in ("Pending", "Running", "Restarting")
+
+
+def is_finished(status: dict[str, Any]) -> bool:
+    return (status or {}).get("phase") in ("Succeeded", "Failed")
+
+
+def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Top-level spec fields that differ (checkpoint sub-fields listed one by one)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key):
+            continue
+        if key == "checkpoint":
+            o, n = old.get(key) or {}, new.get(key) or {}
+            out += [f"checkpoint.{k}" for k in sorted(set(o) | set(n)) if o.get(k) != n.get(k)]
+        else:
+            out.append(key)
+    return out
+
+
+def update_errors(old_spec: dict[str, Any], new_spec: dict[str, Any], status: dict[str, Any]) -> list[str]:
+    """Changes not allowed for a job in its current state."""
+    changed = changed_fields(old_spec or {}, new_spec or {})
+    if is_finished(status):
+        bad = [f for f in changed if f not in MUTABLE_WHEN_FINISHED and f != "checkpoint.retainPolicy"]
+        return [f"spec.{f}: cannot change a finished job (only ttlSecondsAfterFinished and checkpoint.retainPolicy can)" for f in bad]
+    errors = []
+    claim_exists = bool((status or {}).get("checkpoint", {}).get("claim"))
+    for f in changed:
+        if claim_exists and f.startswith("checkpoint.") and f.split(".", 1)[1] not in CHECKPOINT_MUTABLE:
+            errors.append(f"spec.{f}: the checkpoint claim exists already; its storage cannot change")
+        elif is_running(status) and f not in MUTABLE_WHILE_RUNNING and f != "checkpoint.retainPolicy":
+            errors.append(f"spec.{f}: cannot change while the job is running; set spec.suspend: true first, then change it")
+    return errors

@@ -1,0 +1,61 @@
+"""The operator's least-privilege RBAC rules, as data (the Helm chart copies them).
+
+`NAMESPACED_RULES` go into a ClusterRole when the operator watches all namespaces, or into a Role
+in each watched namespace (RLHF_WATCH_NAMESPACES). `CLUSTER_RULES` are cluster-scoped and always
+need a ClusterRole; `WEBHOOK_RULES` only when RLHF_WEBHOOK_ENABLED. Every rule says why.
+
+    python -m rlhf_operator.rbac     # print them as YAML
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import yaml
+
+from rlhf_operator.crd_schema import GROUP, KINDS
+
+_JOBS = [k.plural for k in KINDS.values()]
+
+NAMESPACED_RULES: list[dict[str, Any]] = [
+    {"apiGroups": [GROUP], "resources": _JOBS, "verbs": ["get", "list", "watch", "delete"],
+     "why": "watch and read jobs; delete a finished job after ttlSecondsAfterFinished"},
+    {"apiGroups": [GROUP], "resources": [f"{p}/status" for p in _JOBS], "verbs": ["patch"],
+     "why": "write status (conditions, phase, progress) through the status subresource"},
+    {"apiGroups": [GROUP], "resources": [f"{p}/finalizers" for p in _JOBS], "verbs": ["update"],
+     "why": "children carry ownerReferences with blockOwnerDeletion (OwnerReferencesPermissionEnforcement)"},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "delete"],
+     "why": "run trainer pods, watch their state, stop them on suspend/deadline/failure"},
+    {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["create", "patch"],
+     "why": "create the checkpoint claim; patch its ownerReferences when checkpoint.retainPolicy changes"},
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "patch"],
+     "why": "the rendered trainer config; refreshed when the spec changed while suspended"},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"],
+     "why": "an Event on every condition transition"},
+]
+CLUSTER_RULES: list[dict[str, Any]] = [
+    {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["get", "list", "watch"],
+     "why": "kopf discovers the served CRDs and notices when they are installed later"},
+    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"],
+     "why": "kopf follows the watched namespaces (RLHF_WATCH_NAMESPACES) appearing and disappearing"},
+]
+WEBHOOK_RULES: list[dict[str, Any]] = [
+    {"apiGroups": ["admissionregistration.k8s.io"], "resources": ["validatingwebhookconfigurations"],
+     "verbs": ["create", "patch"], "why": "kopf creates and keeps its ValidatingWebhookConfiguration up to date"},
+]
+
+
+def k8s_rules(rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rules as Kubernetes PolicyRules (without the `why`)."""
+    return [{k: v for k, v in r.items() if k != "why"} for r in rules]
+
+
+def main() -> int:
+    yaml.safe_dump({"namespaced": NAMESPACED_RULES, "cluster": CLUSTER_RULES, "webhook": WEBHOOK_RULES},
+                   sys.stdout, sort_keys=False, width=120)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

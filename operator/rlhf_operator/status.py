@@ -1,0 +1,435 @@
+"""The job's status, computed from what is observed: a pure function of (job, pods, dependencies).
+
+:func:`plan` returns the new status and the actions that bring the children in line (create the
+next trainer pod, delete pods, delete the finished job). It never talks to the API, so every
+transition is unit-tested; the reconciler executes the plan. Conditions follow the Kubernetes API
+conventions: keyed by type, lastTransitionTime kept while the status does not change, and the
+terminal ones (Succeeded, Failed) never revert.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as dt
+import json
+from typing import Any
+
+from rlhf_trainer import config as tc
+from rlhf_trainer import contract
+
+from rlhf_operator import builders
+from rlhf_operator.crd_schema import DEFAULT_BACKOFF_LIMIT, KINDS
+
+EXIT_REASONS = {
+    contract.EXIT_CONFIG_ERROR: "InvalidConfig",
+    contract.EXIT_DATA_ERROR: "DataError",
+    contract.EXIT_MODEL_ERROR: "ModelError",
+}
+WARNING_TRANSITIONS = {("Failed", "True"), ("Restarting", "True"), ("PodScheduled", "False")}
+# Transitions worth an Event besides every condition becoming True (PodScheduled=True is the pod's own event).
+EVENT_FALSE_TRANSITIONS = {"PodScheduled", "Suspended", "WaitingForDependencies"}
+# status.progress keys that mean something for each stage.
+STAGE_PROGRESS = {
+    "sft": {"step", "totalSteps", "loss", "checkpointStep"},
+    "reward": {"step", "totalSteps", "loss", "accuracy", "checkpointStep"},
+    "ppo": {"step", "totalSteps", "loss", "reward", "kl", "checkpointStep"},
+}
+TERMINAL = ("Succeeded", "Failed")
+
+
+def fmt_time(t: dt.datetime, precise: bool = False) -> str:
+    t = t.astimezone(dt.UTC)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ" if precise else "%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(s: str | None) -> dt.datetime | None:
+    if not s:
+        return None
+    return dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
+
+
+# --- observed pods ------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PodView:
+    """What the planner needs to know about one trainer pod."""
+
+    name: str
+    attempt: int
+    owner_uid: str
+    phase: str  # Pending, Running, Succeeded, Failed, Unknown
+    deleting: bool = False
+    restart_count: int = 0
+    pod_ip: str = ""
+    exit_code: int | None = None
+    reason: str = ""  # terminated reason (Error, OOMKilled) or pod reason (Evicted)
+    message: str = ""  # termination message
+    unschedulable: str = ""  # the scheduler's message while the pod cannot be placed
+    scheduled: bool = False
+
+
+def pod_view(pod: dict[str, Any]) -> PodView:
+    meta, spec_status = pod.get("metadata") or {}, pod.get("status") or {}
+    labels, ann = meta.get("labels") or {}, meta.get("annotations") or {}
+    owners = [o.get("uid", "") for o in meta.get("ownerReferences") or [] if o.get("controller")]
+    exit_code, reason, message = None, spec_status.get("reason", ""), spec_status.get("message", "")
+    for cs in spec_status.get("containerStatuses") or []:
+        if cs.get("name") != builders.CONTAINER:
+            continue
+        term = (cs.get("state") or {}).get("terminated")
+        if term:
+            exit_code = term.get("exitCode")
+            reason = term.get("reason") or reason
+            message = (term.get("message") or message or "").strip()
+    unschedulable, scheduled = "", False
+    for cond in spec_status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled":
+            scheduled = cond.get("status") == "True"
+            if cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
+                unschedulable = cond.get("message") or "the scheduler found no node for the pod"
+    try:
+        attempt = int(labels.get(builders.LABEL_ATTEMPT, "0"))
+        restarts = int(ann.get(builders.ANN_RESTART_COUNT, "0"))
+    except ValueError:
+        attempt, restarts = 0, 0
+    return PodView(
+        name=meta.get("name", ""),
+        attempt=attempt,
+        owner_uid=owners[0] if owners else "",
+        phase=spec_status.get("phase") or "Pending",
+        deleting=bool(meta.get("deletionTimestamp")),
+        restart_count=restarts,
+        pod_ip=spec_status.get("podIP") or "",
+        exit_code=exit_code,
+        reason=reason or "",
+        message=message or "",
+        unschedulable=unschedulable,
+        scheduled=scheduled,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class DepState:
+    """An upstream job as seen now."""
+
+    roles: tuple[str, ...]
+    kind: str
+    name: str
+    exists: bool
+    uid: str = ""
+    phase: str = ""
+    message: str = ""
+    claim: str = ""
+    completion_time: str = ""
+
+
+# --- conditions ---------------------------------------------------------------------------
+
+class Conditions:
+    """Edits a status.conditions list, remembering transitions (for Events)."""
+
+    def __init__(self, items: list[dict[str, Any]] | None, now: str, generation: int | None):
+        self.items = [dict(c) for c in items or []]
+        self.now, self.generation = now, generation
+        self.transitions: list[tuple[str, str, str, str]] = []  # (type, status, reason, message)
+
+    def get(self, ctype: str) -> dict[str, Any] | None:
+        return next((c for c in self.items if c.get("type") == ctype), None)
+
+    def is_true(self, ctype: str) -> bool:
+        c = self.get(ctype)
+        return bool(c and c.get("status") == "True")
+
+    def set(self, ctype: str, status: bool, reason: str, message: str) -> None:
+        value = "True" if status else "False"
+        c = self.get(ctype)
+        if c is None:
+            c = {"type": ctype}
+            self.items.append(c)
+        if c.get("status") != value:
+            c["lastTransitionTime"] = self.now
+            self.transitions.append((ctype, value, reason, message))
+        c.update(status=value, reason=reason, message=message, observedGeneration=self.generation)
+
+    def clear(self, ctype: str, reason: str, message: str) -> None:
+        """Set False only if the condition was ever set (keeps the list short)."""
+        if self.get(ctype) is not None:
+            self.set(ctype, False, reason, message)
+
+
+# --- the plan -----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Plan:
+    status: dict[str, Any]
+    create_pod: tuple[int, int] | None = None  # (attempt, restart count)
+    delete_pods: list[str] = dataclasses.field(default_factory=list)
+    delete_job: bool = False
+    requeue_at: dt.datetime | None = None
+    events: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # (type, reason, message)
+    restarted: bool = False
+    claim_owned: bool | None = None  # set the claim's owner reference (True) or remove it (False)
+    handoff_from: dt.datetime | None = None  # latest dependency completion, when the first pod starts
+
+
+def phase_of(conds: Conditions) -> str:
+    for ctype, phase in (("Failed", "Failed"), ("Succeeded", "Succeeded"), ("Suspended", "Suspended"),
+                         ("WaitingForDependencies", "Waiting"), ("Restarting", "Restarting"), ("Running", "Running")):
+        if conds.is_true(ctype):
+            return phase
+    return "Pending"
+
+
+def with_summary(progress: dict[str, Any]) -> dict[str, Any]:
+    out = dict(progress)
+    step, total = out.get("step"), out.get("totalSteps")
+    if step is not None and total:
+        out["percent"] = round(100.0 * min(step, total) / total, 1)
+        out["summary"] = f"{step}/{total}"
+    elif step is not None:
+        out["summary"] = str(step)
+    return out
+
+
+def plan(
+    job: dict[str, Any],
+    pods: list[PodView],
+    deps: list[DepState],
+    now: dt.datetime,
+    invalid: str | None = None,
+    progress: dict[str, Any] | None = None,
+) -> Plan:
+    """Compute the next status and actions. `invalid` is a spec error found before planning;
+    `progress` is freshly scraped trainer progress (status.progress keys)."""
+    meta, spec = job["metadata"], job.get("spec") or {}
+    old = job.get("status") or {}
+    st = copy.deepcopy(old)
+    stamp = fmt_time(now)
+    conds = Conditions(st.get("conditions"), stamp, meta.get("generation"))
+    p = Plan(status=st)
+    own = [x for x in pods if x.owner_uid == meta.get("uid")]
+    active = [x.name for x in own if not x.deleting and x.phase in ("Pending", "Running", "Unknown")]
+    st["observedGeneration"] = meta.get("generation")
+    keys = STAGE_PROGRESS[KINDS[job["kind"]].stage]
+    progress = {k: v for k, v in (progress or {}).items() if k in keys}
+    if progress:
+        st["progress"] = with_summary({**st.get("progress", {}), **progress})
+        if progress.get("checkpointStep") is not None:
+            st.setdefault("checkpoint", {})["latestStep"] = progress["checkpointStep"]
+
+    def finish() -> Plan:
+        st["conditions"] = conds.items
+        st["phase"] = phase_of(conds)
+        p.status = prune_empty(st)
+        for ctype, value, reason, message in conds.transitions:
+            if (value == "True" and ctype != "PodScheduled") or (value == "False" and ctype in EVENT_FALSE_TRANSITIONS):
+                kind = "Warning" if (ctype, value) in WARNING_TRANSITIONS else "Normal"
+                p.events.append((kind, reason, message))
+        return p
+
+    def fail(reason: str, message: str) -> Plan:
+        conds.set("Failed", True, reason, message)
+        conds.clear("Running", reason, "the job failed")
+        conds.clear("Restarting", reason, "the job failed")
+        st["completionTime"] = fmt_time(now, precise=True)
+        st["trainerPod"] = ""
+        p.delete_pods = active
+        return finish()
+
+    # spec.checkpoint.retainPolicy may change at any time; the claim follows it.
+    policy = (spec.get("checkpoint") or {}).get("retainPolicy", "Retain")
+    cp = st.get("checkpoint") or {}
+    if cp.get("claim") and cp.get("retainPolicy", "Retain") != policy:
+        p.claim_owned = policy == "Delete"
+        cp["retainPolicy"] = policy
+
+    # Finished jobs only wait for their TTL.
+    if conds.is_true("Succeeded") or conds.is_true("Failed"):
+        p.delete_pods = active  # e.g. a pod that outlived a deadline failure
+        ttl, done = spec.get("ttlSecondsAfterFinished"), parse_time(st.get("completionTime"))
+        if ttl is not None and done is not None:
+            due = done + dt.timedelta(seconds=ttl)
+            if now >= due:
+                p.delete_job = True
+            else:
+                p.requeue_at = due
+        return finish()
+
+    if invalid:
+        return fail("InvalidSpec", invalid)
+
+    started = st.get("attempt") is not None or bool(own)
+    if not started and deps:
+        recorded = {(d.get("kind"), d.get("name")): d for d in old.get("dependencies") or []}
+        waiting: list[str] = []
+        seen: list[dict[str, Any]] = []
+        for d in deps:
+            rec = recorded.get((d.kind, d.name)) or {}
+            label = f"{d.kind} {d.name} ({' and '.join(d.roles)})"
+            if not d.exists and rec.get("uid"):
+                return fail("DependencyDeleted", f"{label} was deleted before this job could start; recreate it or change spec.{d.roles[0]}")
+            if d.exists and rec.get("uid") and rec["uid"] != d.uid:
+                return fail("DependencyDeleted", f"{label} was deleted and created again; this job will not use a different run's output")
+            if d.exists and d.phase == "Failed":
+                why = f": {d.message}" if d.message else ""
+                return fail("DependencyFailed", f"{label} failed{why}")
+            if not d.exists:
+                waiting.append(f"{d.kind} {d.name} (not found)")
+            elif d.phase != "Succeeded":
+                waiting.append(f"{d.kind} {d.name} ({d.phase or 'Pending'})")
+            seen.append({"role": " ".join(d.roles), "kind": d.kind, "name": d.name, "uid": d.uid or rec.get("uid", ""),
+                         "phase": d.phase if d.exists else "NotFound"})
+        st["dependencies"] = seen
+        if waiting:
+            conds.set("WaitingForDependencies", True, "DependenciesNotReady", "waiting for " + ", ".join(waiting))
+            return finish()
+        conds.set("WaitingForDependencies", False, "DependenciesSucceeded",
+                  "upstream jobs succeeded: " + ", ".join(f"{d.kind} {d.name}" for d in deps))
+
+    if spec.get("suspend"):
+        p.delete_pods = active
+        conds.set("Suspended", True, "JobSuspended", "spec.suspend is true: trainer pod stopped, checkpoints kept")
+        conds.clear("Running", "JobSuspended", "the job is suspended")
+        conds.clear("Restarting", "JobSuspended", "the job is suspended")
+        conds.clear("PodScheduled", "JobSuspended", "the job is suspended")
+        st["trainerPod"] = ""
+        return finish()
+    resuming = conds.is_true("Suspended")
+
+    deadline = spec.get("activeDeadlineSeconds")
+    started_at = parse_time(st.get("startTime"))
+    if deadline and started_at and not resuming:
+        due = started_at + dt.timedelta(seconds=deadline)
+        if now >= due:
+            return fail("DeadlineExceeded", f"the job ran longer than spec.activeDeadlineSeconds ({deadline}s)")
+        p.requeue_at = due
+
+    # Pods newer than the recorded attempt were made by a pass whose status write was lost; the
+    # same pass is planned again below (same name: the create is answered 409 and adopts it).
+    last_attempt = st["attempt"] if st.get("attempt") is not None else -1
+    restarts = max([st.get("restartCount") or 0] + [x.restart_count for x in own if x.attempt <= last_attempt])
+    st["restartCount"] = restarts
+    backoff = spec.get("backoffLimit", DEFAULT_BACKOFF_LIMIT)
+    current = st.get("trainerPod") or ""
+    pod = next((x for x in own if x.name == current), None)
+    next_attempt = 0 if st.get("attempt") is None else st["attempt"] + 1
+
+    def start(attempt: int, restart_count: int) -> None:
+        p.create_pod = (attempt, restart_count)
+        name = builders.pod_name(meta["name"], attempt)
+        st.update(attempt=attempt, trainerPod=name, restartCount=restart_count)
+        if not st.get("checkpoint", {}).get("claim"):
+            st.setdefault("checkpoint", {}).update(claim=builders.pvc_name(meta["name"]), retainPolicy=policy)
+        if resuming or not st.get("startTime"):
+            st["startTime"] = stamp
+        if not conds.is_true("Created"):
+            conds.set("Created", True, "TrainerPodCreated",
+                      f"created claim {builders.pvc_name(meta['name'])}, config {builders.configmap_name(meta['name'])} and pod {name}")
+        if resuming:
+            conds.set("Suspended", False, "JobResumed", f"resumed with pod {name} from the latest checkpoint")
+        if attempt == 0 and deps:
+            times = [parse_time(d.completion_time) for d in deps if d.completion_time]
+            p.handoff_from = max(times) if times else None
+
+    def replace(why: str, exit_code: int | None) -> Plan:
+        if exit_code in contract.PERMANENT_EXIT_CODES:
+            return fail(EXIT_REASONS[exit_code], f"{why}; this error is permanent, fix the spec or the inputs")
+        if restarts >= backoff:
+            return fail("BackoffLimitExceeded", f"{why}; spec.backoffLimit ({backoff}) restarts used up")
+        start(next_attempt, restarts + 1)
+        p.restarted = True
+        new = builders.pod_name(meta["name"], next_attempt)
+        conds.set("Restarting", True, "PodFailed",
+                  f"{why}; started {new} (restart {restarts + 1} of {backoff}), resuming from the latest checkpoint")
+        conds.clear("Running", "PodFailed", why)
+        return finish()
+
+    if current and pod is None:
+        return replace(f"trainer pod {current} disappeared", None)
+    if pod is None:
+        # A stopping pod (suspend) may still be writing its SIGTERM checkpoint: start after it is gone.
+        if not any(x.deleting for x in own):
+            start(next_attempt, restarts)
+        return finish()
+    if pod.deleting:
+        return finish()
+
+    if pod.phase == "Pending":
+        if pod.unschedulable:
+            conds.set("PodScheduled", False, "Unschedulable", f"pod {pod.name}: {pod.unschedulable}")
+        elif pod.scheduled:
+            conds.set("PodScheduled", True, "Scheduled", f"pod {pod.name} is bound to a node")
+    elif pod.phase == "Running":
+        conds.set("PodScheduled", True, "Scheduled", f"pod {pod.name} is bound to a node")
+        conds.set("Running", True, "TrainerRunning", f"trainer pod {pod.name} is running")
+        conds.clear("Restarting", "TrainerRunning", f"trainer pod {pod.name} is running")
+    elif pod.phase == "Succeeded":
+        final = {k: v for k, v in final_progress(pod.message).items() if k in keys}
+        if final:
+            st["progress"] = with_summary({**st.get("progress", {}), **final})
+            if final.get("checkpointStep") is not None:
+                st.setdefault("checkpoint", {})["latestStep"] = final["checkpointStep"]
+        conds.set("Succeeded", True, "TrainingComplete", f"trainer pod {pod.name} finished; the model is in "
+                  f"claim {builders.pvc_name(meta['name'])} at {tc.FINAL_SUBDIR}/")
+        conds.clear("Running", "TrainingComplete", "the trainer finished")
+        conds.clear("Restarting", "TrainingComplete", "the trainer finished")
+        st["completionTime"] = fmt_time(now, precise=True)
+        st["output"] = {"claim": builders.pvc_name(meta["name"]), "path": tc.FINAL_SUBDIR}
+        return finish()
+    elif pod.phase == "Failed":
+        code = f"exit code {pod.exit_code}" if pod.exit_code is not None else (pod.reason or "no exit code")
+        detail = f" ({pod.reason})" if pod.reason and pod.exit_code is not None and pod.reason != "Error" else ""
+        msg = f": {short_message(pod.message)}" if pod.message else ""
+        return replace(f"trainer pod {pod.name} failed with {code}{detail}{msg}", pod.exit_code)
+    return finish()
+
+
+def short_message(text: str, lines: int = 3, limit: int = 800) -> str:
+    """The end of a termination message (or of the log tail kubelet puts there): the last few
+    non-empty lines, where the error usually is."""
+    tail = [line.strip() for line in text.strip().splitlines() if line.strip()][-lines:]
+    out = " / ".join(tail)
+    return out if len(out) <= limit else "..." + out[-limit:]
+
+
+def prune_empty(obj: Any) -> Any:
+    """Drop empty strings (and the emptied dicts) from a status: "unset" is an absent key, which
+    keeps the status small (and the embedded 1.20 API server refuses "" in custom resources)."""
+    if isinstance(obj, dict):
+        out = {k: prune_empty(v) for k, v in obj.items() if v != "" and v is not None}
+        return {k: v for k, v in out.items() if v != {}}
+    if isinstance(obj, list):
+        return [prune_empty(v) for v in obj]
+    return obj
+
+
+def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The RFC 7386 merge patch that turns `old` into `new` (removed keys become null)."""
+    patch: dict[str, Any] = {k: None for k in old if k not in new}
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, dict) and isinstance(before, dict):
+            sub = merge_patch(before, value)
+            if sub:
+                patch[key] = sub
+        elif value != before:
+            patch[key] = value
+    return patch
+
+
+def final_progress(message: str) -> dict[str, Any]:
+    """Progress from a trainer's termination message, when it is the JSON object of final metric
+    values (keyed by contract metric names) that the trainer writes on success."""
+    try:
+        data = json.loads(message) if message and message.lstrip().startswith("{") else None
+    except ValueError:
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    out: dict[str, Any] = {}
+    for key, metric in contract.PROGRESS_FIELDS.items():
+        value = data.get(metric)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = int(value) if key in ("step", "totalSteps", "checkpointStep") else float(value)
+    return out

@@ -1,0 +1,137 @@
+"""Pure builders: the pod, claim and config a job turns into."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from op_helpers import job
+from rlhf_operator import builders
+from rlhf_operator.settings import Settings
+from rlhf_trainer import config as tc
+from rlhf_trainer import contract
+
+S = Settings()
+
+
+def build(j, attempt=0, restarts=0, settings=S):
+    cfg, mounts = builders.render_config(j, settings)
+    return cfg, builders.build_pod(j, settings, attempt, restarts, builders.config_hash(cfg.to_yaml()), mounts)
+
+
+def env_of(pod):
+    return {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+
+
+def test_single_gpu_pod():
+    j = job(spec={"model": {"path": "/m"}, "dataset": {"path": "/d.jsonl"}, "resources": {"cpu": "2", "memory": "4Gi"}})
+    _, pod = build(j, attempt=2, restarts=1)
+    spec, c = pod["spec"], pod["spec"]["containers"][0]
+    assert pod["metadata"]["name"] == "j-trainer-2"
+    assert pod["metadata"]["labels"] == {**builders.labels("SFTJob", "j"), builders.LABEL_ATTEMPT: "2",
+                                         "app.kubernetes.io/name": "rlhf-trainer"}
+    assert pod["metadata"]["labels"][builders.LABEL_STAGE] == "sft"
+    assert pod["metadata"]["annotations"][builders.ANN_RESTART_COUNT] == "1"
+    assert pod["metadata"]["ownerReferences"] == [{"apiVersion": "rlhf.io/v1alpha1", "kind": "SFTJob", "name": "j",
+                                                   "uid": "uid-j", "controller": True, "blockOwnerDeletion": True}]
+    assert c["command"] == ["python", "-m", "rlhf_trainer", "sft", "--config", "/etc/rlhf/config.yaml"]
+    assert c["resources"] == {"requests": {"cpu": "2", "memory": "4Gi", "nvidia.com/gpu": "1"},
+                              "limits": {"memory": "4Gi", "nvidia.com/gpu": "1"}}
+    assert spec["automountServiceAccountToken"] is False and spec["restartPolicy"] == "Never"
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    env = env_of(pod)
+    assert env[contract.ENV_POD_IP]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert env[contract.ENV_JOB_NAME]["value"] == "j" and env[contract.ENV_JOB_KIND]["value"] == "SFTJob"
+    assert env[contract.ENV_CONFIG]["value"] == "/etc/rlhf/config.yaml"
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert mounts["/ckpt"].get("readOnly") is not True and mounts["/etc/rlhf"]["readOnly"] is True
+    vols = {v["name"]: v for v in spec["volumes"]}
+    assert vols["checkpoints"]["persistentVolumeClaim"]["claimName"] == "j-checkpoints"
+    assert vols["config"]["configMap"]["name"] == "j-config"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+
+
+def test_multi_gpu_pod_uses_torchrun_and_shm():
+    j = job(spec={"model": {"path": "/m"}, "dataset": {"path": "/d"}, "resources": {"gpus": 4},
+                  "scheduling": {"nodeSelector": {"gpu": "a100"}, "priorityClassName": "high",
+                                 "tolerations": [{"key": "x", "operator": "Exists"}]}})
+    _, pod = build(j)
+    c = pod["spec"]["containers"][0]
+    assert c["command"][:5] == ["torchrun", "--standalone", "--nnodes=1", "--nproc_per_node=4", "-m"]
+    assert c["command"][5:] == ["rlhf_trainer", "sft", "--config", "/etc/rlhf/config.yaml"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert any(m["mountPath"] == "/dev/shm" for m in c["volumeMounts"])
+    assert pod["spec"]["nodeSelector"] == {"gpu": "a100"} and pod["spec"]["priorityClassName"] == "high"
+    assert pod["spec"]["tolerations"][0] == {"key": "x", "operator": "Exists"}
+
+
+def test_cpu_only_pod_requests_no_gpu_and_command_override():
+    j = job(spec={"model": {"path": "/m"}, "dataset": {"path": "/d"}, "resources": {"gpus": 0}})
+    _, pod = build(j, settings=Settings(trainer_command=("python", "/s.py")))
+    c = pod["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in str(c["resources"]) and "tolerations" not in pod["spec"]
+    assert c["command"] == ["python", "/s.py", "sft", "--config", "/etc/rlhf/config.yaml"]
+
+
+def test_from_job_inputs_are_mounted_read_only_and_config_points_at_final():
+    j = job("PPOJob", "p", spec={"actor": {"fromJob": {"name": "sft"}}, "reference": {"fromJob": {"name": "sft"}},
+                                 "rewardModel": {"fromJob": {"name": "rm", "kind": "RewardModelJob"}},
+                                 "dataset": {"claim": "data", "path": "prompts.jsonl"}, "ppo": {"klCoef": 0.2}})
+    cfg, pod = build(j)
+    assert cfg.stage == "ppo" and cfg.ppo.kl_coef == 0.2
+    assert cfg.ppo.actor.path == "/inputs/sft/final" == cfg.ppo.reference.path
+    assert cfg.ppo.reward_model.path == "/inputs/rm/final"
+    assert cfg.dataset.path == "/mnt/claims/data/prompts.jsonl"
+    assert cfg.inputs == {"sft": "/inputs/sft/final", "rm": "/inputs/rm/final"}
+    c = pod["spec"]["containers"][0]
+    inputs = {m["mountPath"]: m for m in c["volumeMounts"] if m["name"].startswith("input-")}
+    assert set(inputs) == {"/inputs/sft", "/inputs/rm", "/mnt/claims/data"}  # sft mounted once for two roles
+    assert all(m["readOnly"] for m in inputs.values())
+    claims = {v["persistentVolumeClaim"]["claimName"]: v["persistentVolumeClaim"]["readOnly"]
+              for v in pod["spec"]["volumes"] if v["name"].startswith("input-")}
+    assert claims == {"sft-checkpoints": True, "rm-checkpoints": True, "data": True}
+
+
+def test_configmap_round_trips_through_the_trainer_parser():
+    j = job("RewardModelJob", "rm", spec={
+        "model": {"initFromConfig": {"model_type": "gpt2", "n_layer": 2}, "tokenizerPath": "/tok"},
+        "dataset": {"configMap": {"name": "pairs", "key": "pairs.jsonl"}, "format": "hh_rlhf", "evalFraction": 0.2},
+        "training": {"maxSteps": 7, "batchSize": 4, "learningRate": 0.001}, "reward": {"margin": 0.5},
+        "deepspeed": {"zeroStage": 2, "bf16": True}, "checkpoint": {"everySteps": 3, "keepLast": 4}})
+    cfg, _ = builders.render_config(j, S)
+    cm = builders.build_configmap(j, cfg.to_yaml())
+    parsed = tc.from_dict(yaml.safe_load(cm["data"][tc.CONFIG_FILE_NAME]))
+    assert parsed == cfg
+    assert parsed.stage == "reward" and parsed.job.kind == "RewardModelJob" and parsed.job.namespace == "ns"
+    assert parsed.training.max_steps == 7 and parsed.training.batch_size == 4 and parsed.reward.margin == 0.5
+    assert parsed.dataset.path == "/mnt/configmaps/pairs/pairs.jsonl" and parsed.dataset.eval_fraction == 0.2
+    assert parsed.model.init_from_config == {"model_type": "gpt2", "n_layer": 2} and parsed.model.tokenizer_path == "/tok"
+    assert parsed.deepspeed.zero_stage == 2 and parsed.deepspeed.bf16
+    assert parsed.checkpoint.dir == "/ckpt" and parsed.checkpoint.every_steps == 3 and parsed.checkpoint.keep_last == 4
+    assert parsed.metrics.port == S.trainer_metrics_port
+    assert cm["metadata"]["name"] == "rm-config" and cm["metadata"]["ownerReferences"][0]["uid"] == "uid-rm"
+
+
+def test_trainer_errors_are_reported_with_the_crd_field():
+    j = job(spec={"model": {"path": "/m"}, "dataset": {"path": "/d"}, "training": {"maxLength": 4}})
+    with pytest.raises(tc.ConfigError, match=r"^spec\.training\.maxLength: must be >= 8"):
+        builders.render_config(j, S)
+    assert builders.spec_path("ppo.reward_model.path") == "spec.rewardModel.path"
+    assert builders.spec_path("training.batch_size") == "spec.training.batchSize"
+
+
+@pytest.mark.parametrize("policy, owned", [(None, False), ("Retain", False), ("Delete", True)])
+def test_pvc_retain_policy(policy, owned):
+    cp = {"size": "5Gi", "storageClass": "fast"}
+    if policy:
+        cp["retainPolicy"] = policy
+    pvc = builders.build_pvc(job(spec={"model": {"path": "/m"}, "dataset": {"path": "/d"}, "checkpoint": cp}), S)
+    assert pvc["metadata"]["name"] == "j-checkpoints"
+    assert ("ownerReferences" in pvc["metadata"]) is owned
+    assert pvc["spec"] == {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "5Gi"}}, "storageClassName": "fast"}
+
+
+def test_pvc_defaults_come_from_settings():
+    pvc = builders.build_pvc(job(), Settings(checkpoint_size="3Gi", checkpoint_storage_class="std"))
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "3Gi" and pvc["spec"]["storageClassName"] == "std"
+    assert "storageClassName" not in builders.build_pvc(job(), S)["spec"]

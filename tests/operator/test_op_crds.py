@@ -1,0 +1,84 @@
+"""The CRDs: generated files up to date, every field described, trainer options all present."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+from rlhf_operator import crd_schema, crdgen
+from rlhf_trainer import config as tc
+
+
+def walk(schema, path="spec"):
+    yield path, schema
+    for name, sub in (schema.get("properties") or {}).items():
+        yield from walk(sub, f"{path}.{name}")
+    if isinstance(schema.get("items"), dict):
+        yield from walk(schema["items"], f"{path}[]")
+
+
+def version(kind):
+    return crd_schema.crd(kind)["spec"]["versions"][0]
+
+
+def test_generated_files_are_up_to_date():
+    stale = crdgen.stale_files(crdgen.DEFAULT_DIR)
+    assert not stale, f"crds/ out of date: {stale}; run `python -m rlhf_operator.crdgen`"
+
+
+def test_every_field_has_a_description():
+    for kind in crd_schema.KINDS:
+        schema = version(kind)["schema"]["openAPIV3Schema"]
+        missing = [p for p, s in walk(schema["properties"]["spec"])] + [p for p, s in walk(schema["properties"]["status"], "status")]
+        missing = [p for p, s in list(walk(schema["properties"]["spec"])) + list(walk(schema["properties"]["status"], "status"))
+                   if not s.get("description")]
+        assert missing == [], f"{kind}: fields without description: {missing}"
+
+
+def test_trainer_options_all_appear_with_type_enum_and_bounds():
+    spec = version("PPOJob")["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    hints = typing.get_type_hints(tc.PPOConfig)
+    for f in dataclasses.fields(tc.PPOConfig):
+        if dataclasses.is_dataclass(hints[f.name]):
+            continue
+        prop = spec["ppo"]["properties"][crd_schema.camel(f.name)]
+        assert prop["description"].startswith(f.metadata["help"])
+    training = spec["training"]["properties"]
+    assert {crd_schema.camel(f.name) for f in dataclasses.fields(tc.TrainingConfig)} == set(training)
+    assert training["batchSize"] == {**training["batchSize"], "type": "integer", "minimum": 1}
+    assert training["lrSchedule"]["enum"] == ["linear", "constant", "cosine"]
+    assert spec["ppo"]["properties"]["gamma"]["maximum"] == 1
+    assert spec["deepspeed"]["properties"]["zeroStage"]["maximum"] == 3
+
+
+def test_bounds_name_existing_fields():
+    for cls, name in crd_schema.BOUNDS:
+        assert name in {f.name for f in dataclasses.fields(cls)}, f"{cls.__name__}.{name} does not exist"
+
+
+def test_names_columns_status_subresource():
+    for kind, k in crd_schema.KINDS.items():
+        obj = crd_schema.crd(kind)
+        names = obj["spec"]["names"]
+        assert names["categories"] == ["rlhf"] and names["shortNames"] == [k.short] and names["plural"] == k.plural
+        v = version(kind)
+        assert v["subresources"] == {"status": {}}
+        columns = {c["name"]: c["jsonPath"] for c in v["additionalPrinterColumns"]}
+        assert columns["Phase"] == ".status.phase" and columns["Progress"] == ".status.progress.summary"
+        assert columns[k.metric_column[0]] == f".status.progress.{k.metric_column[1]}"
+        assert columns["Age"] == ".metadata.creationTimestamp"
+    assert "Reward" in {c["name"] for c in version("PPOJob")["additionalPrinterColumns"]}
+    assert "Accuracy" in {c["name"] for c in version("RewardModelJob")["additionalPrinterColumns"]}
+
+
+def test_required_fields_and_lifecycle_knobs():
+    ppo = version("PPOJob")["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert set(ppo["required"]) == {"actor", "rewardModel", "dataset"}
+    sft = version("SFTJob")["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert set(sft["required"]) == {"model", "dataset"}
+    props = sft["properties"]
+    assert props["checkpoint"]["properties"]["retainPolicy"]["enum"] == ["Retain", "Delete"]
+    assert props["backoffLimit"]["minimum"] == 0 and props["activeDeadlineSeconds"]["minimum"] == 1
+    for key in ("suspend", "ttlSecondsAfterFinished", "image", "scheduling", "resources", "deepspeed", "env"):
+        assert key in props
+    assert props["model"]["properties"]["fromJob"]["properties"]["kind"]["enum"] == list(crd_schema.KINDS)
