@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Copy the CRDs from crds/ (the source of truth, generated with the operator) into the Helm chart,
-# which must ship identical copies; tests/chart/test_chart_crds.py fails when they drift.
+# Copy the CRDs from crds/ into the Helm chart, which must ship identical copies;
+# tests/chart/test_chart_crds.py fails when they drift. `python -m rlhf_operator.crdgen` regenerates
+# both from the operator's schema in one go; this script only copies (no Python needed).
 # Usage: charts/sync-crds.sh
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

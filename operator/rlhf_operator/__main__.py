@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
+import os
 import sys
+from collections.abc import Mapping
 
 import kopf
 
@@ -34,9 +37,49 @@ def build(settings: Settings) -> tuple[kopf.OperatorRegistry, Reconciler]:
     return registry, reconciler
 
 
-def main() -> int:
+SETTINGS_HELP = """\
+settings (environment variables; the Helm chart sets them, the options above override them):
+  RLHF_TRAINER_IMAGE, RLHF_WATCH_NAMESPACES (comma list; empty = all), RLHF_METRICS_PORT (8080),
+  RLHF_HEALTH_PORT (8081), RLHF_LOG_LEVEL (INFO), RLHF_CHECKPOINT_STORAGE_CLASS, RLHF_CHECKPOINT_SIZE,
+  RLHF_WEBHOOK_ENABLED, RLHF_WEBHOOK_HOST, RLHF_WEBHOOK_PORT, RLHF_WEBHOOK_SERVICE (name.namespace),
+  RLHF_WEBHOOK_CERT_FILE, RLHF_WEBHOOK_KEY_FILE, RLHF_WEBHOOK_CA_FILE, RLHF_WEBHOOK_CONFIG_NAME,
+  RLHF_WEBHOOK_FAILURE_POLICY, RLHF_WEBHOOK_LISTEN, RLHF_TRAINER_SECURITY_CONTEXT (JSON),
+  RLHF_TRAINER_METRICS_PORT (9400), RLHF_TRAINER_COMMAND (JSON list; tests), RLHF_RESYNC_SECONDS (10),
+  RLHF_MAX_GPUS_PER_POD (8).
+  Cluster credentials: the in-cluster service account, else $KUBECONFIG.
+"""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m rlhf_operator",
+        description="Run the RLHF operator: reconcile SFTJob, RewardModelJob and PPOJob resources.",
+        epilog=SETTINGS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-n", "--namespace", action="append", default=[], metavar="NS",
+                   help="watch this namespace (repeatable; sets RLHF_WATCH_NAMESPACES; default: all namespaces)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (sets RLHF_LOG_LEVEL=DEBUG)")
+    p.add_argument("--metrics-port", metavar="PORT", help="Prometheus port, 0 = off (sets RLHF_METRICS_PORT)")
+    return p
+
+
+def settings_env(argv: list[str] | None, env: Mapping[str, str]) -> dict[str, str]:
+    """The environment with the command-line options applied on top (options win)."""
+    args = parser().parse_args(argv)
+    out = dict(env)
+    if args.namespace:
+        out["RLHF_WATCH_NAMESPACES"] = ",".join(args.namespace)
+    if args.verbose:
+        out["RLHF_LOG_LEVEL"] = "DEBUG"
+    if args.metrics_port is not None:
+        out["RLHF_METRICS_PORT"] = args.metrics_port
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    env = settings_env(argv, os.environ)  # --help and bad options exit here, before anything starts
     try:
-        settings = from_env()
+        settings = from_env(env)
     except SettingsError as e:
         print(f"rlhf-operator: bad setting: {e}", file=sys.stderr)
         return 2

@@ -33,6 +33,16 @@ CONFIGMAPS_MOUNT = "/mnt/configmaps"
 CONFIG_PATH = posixpath.join(tc.CONFIG_MOUNT_DIR, tc.CONFIG_FILE_NAME)
 GPU_RESOURCE = "nvidia.com/gpu"
 TERMINATION_GRACE_SECONDS = 120  # the trainer writes a checkpoint on SIGTERM
+SCRATCH_MOUNT = "/tmp"
+# Trainer pods run with a read-only root filesystem: HOME and every cache go to the /tmp emptyDir
+# (the same values as the trainer image's ENV; a job's spec.env may set its own).
+SCRATCH_ENV = {
+    "HOME": SCRATCH_MOUNT,
+    "XDG_CACHE_HOME": f"{SCRATCH_MOUNT}/.cache",
+    "HF_HOME": f"{SCRATCH_MOUNT}/.cache/huggingface",
+    "TRITON_CACHE_DIR": f"{SCRATCH_MOUNT}/.cache/triton",
+    "TORCH_EXTENSIONS_DIR": f"{SCRATCH_MOUNT}/.cache/torch_extensions",
+}
 
 
 def pvc_name(job: str) -> str:
@@ -114,7 +124,8 @@ def resolve_model(
     elif source.get("claim"):
         mount = _claim_mount(source["claim"])
         mounts.append(mount)
-        model["path"] = _under(mount.path, source.get("path", ""))
+        if not source.get("initFromConfig"):  # a fresh model reads only its tokenizer from the claim
+            model["path"] = _under(mount.path, source.get("path", ""))
         tokenizer = _under(mount.path, tokenizer) if tokenizer else ""
     elif source.get("path"):
         model["path"] = source["path"]
@@ -290,7 +301,10 @@ def _env(job: dict[str, Any]) -> list[dict[str, Any]]:
         {"name": contract.ENV_POD_IP, **field("status.podIP")},
         {"name": contract.ENV_TERMINATION_LOG, "value": contract.DEFAULT_TERMINATION_LOG},
     ]
-    return env + [dict(v) for v in (job.get("spec") or {}).get("env") or []]
+    user = [dict(v) for v in (job.get("spec") or {}).get("env") or []]
+    user_names = {v.get("name") for v in user}
+    scratch = [{"name": k, "value": v} for k, v in SCRATCH_ENV.items() if k not in user_names]
+    return env + scratch + user
 
 
 def _resources(spec: dict[str, Any]) -> dict[str, Any]:
@@ -331,10 +345,12 @@ def build_pod(
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": configmap_name(name)}},
         {"name": "checkpoints", "persistentVolumeClaim": {"claimName": pvc_name(name)}},
+        {"name": "scratch", "emptyDir": {}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "config", "mountPath": tc.CONFIG_MOUNT_DIR, "readOnly": True},
         {"name": "checkpoints", "mountPath": tc.CHECKPOINT_MOUNT},
+        {"name": "scratch", "mountPath": SCRATCH_MOUNT},  # writable under a read-only root filesystem
     ]
     for i, m in enumerate(inputs):
         volumes.append({"name": f"input-{i}", **m.volume})

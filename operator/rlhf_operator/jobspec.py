@@ -57,8 +57,8 @@ def dependencies(kind: str, spec: dict[str, Any]) -> list[DepRef]:
 def _model_errors(kind: str, role: str, source: dict[str, Any]) -> list[str]:
     where = f"spec.{role}"
     chosen = [k for k in ("path", "hubId", "fromJob", "initFromConfig") if source.get(k)]
-    if source.get("claim") and "path" not in chosen:
-        chosen.insert(0, "path")  # a claim alone means the claim's root directory
+    if source.get("claim") and "path" not in chosen and not source.get("initFromConfig"):
+        chosen.insert(0, "path")  # a claim alone means the claim's root directory (with initFromConfig: the tokenizer's)
     errors = []
     if not chosen:
         errors.append(f"{where}: set one of path (optionally with claim), hubId, fromJob or initFromConfig")

@@ -22,14 +22,23 @@ HANDOFF_SECONDS = Histogram(
 UP = Gauge("rlhf_operator_up", "1 while the operator runs.")
 
 
+def initialise() -> None:
+    """Export every labelled series at zero from the start: a series born at its first event has no
+    earlier sample, so rate()/increase() over that event would miss it."""
+    for kind in KINDS:
+        for counter in (RECONCILES, RECONCILE_ERRORS, POD_RESTARTS):
+            counter.labels(kind)
+        for histogram in (RECONCILE_SECONDS, HANDOFF_SECONDS):
+            histogram.labels(kind)
+        for phase in PHASES:
+            JOBS.labels(kind, phase).set(0)
+
+
 class PhaseTracker:
     """Keeps rlhf_operator_jobs in line with the phase of every job the operator has seen."""
 
     def __init__(self) -> None:
         self._phases: dict[str, tuple[str, str]] = {}  # uid -> (kind, phase)
-        for kind in KINDS:
-            for phase in PHASES:
-                JOBS.labels(kind, phase).set(0)
 
     def _refresh(self) -> None:
         counts = {(k, p): 0 for k in KINDS for p in PHASES}
@@ -50,6 +59,7 @@ class PhaseTracker:
 
 
 def serve(port: int) -> None:
+    initialise()
     if port:
         start_http_server(port)
     UP.set(1)

@@ -2,7 +2,8 @@
 
 `NAMESPACED_RULES` go into a ClusterRole when the operator watches all namespaces, or into a Role
 in each watched namespace (RLHF_WATCH_NAMESPACES). `CLUSTER_RULES` are cluster-scoped and always
-need a ClusterRole; `WEBHOOK_RULES` only when RLHF_WEBHOOK_ENABLED. Every rule says why.
+need a ClusterRole; `webhook_rules(name)` (`WEBHOOK_RULES` for the default name) only when
+RLHF_WEBHOOK_ENABLED. Every rule says why.
 
     python -m rlhf_operator.rbac     # print them as YAML
 """
@@ -15,6 +16,7 @@ from typing import Any
 import yaml
 
 from rlhf_operator.crd_schema import GROUP, KINDS
+from rlhf_operator.settings import Settings
 
 _JOBS = [k.plural for k in KINDS.values()]
 
@@ -40,10 +42,22 @@ CLUSTER_RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"],
      "why": "kopf follows the watched namespaces (RLHF_WATCH_NAMESPACES) appearing and disappearing"},
 ]
-WEBHOOK_RULES: list[dict[str, Any]] = [
-    {"apiGroups": ["admissionregistration.k8s.io"], "resources": ["validatingwebhookconfigurations"],
-     "verbs": ["create", "patch"], "why": "kopf creates and keeps its ValidatingWebhookConfiguration up to date"},
-]
+_WEBHOOK_CONFIGS = ["validatingwebhookconfigurations", "mutatingwebhookconfigurations"]
+
+
+def webhook_rules(config_name: str = Settings.webhook_config_name) -> list[dict[str, Any]]:
+    """Rules for kopf's managed webhook configurations (RLHF_WEBHOOK_CONFIG_NAME names them)."""
+    return [
+        {"apiGroups": ["admissionregistration.k8s.io"], "resources": list(_WEBHOOK_CONFIGS), "verbs": ["create"],
+         "why": "kopf creates a validating and an (empty) mutating configuration under one name; "
+                "create cannot be limited by name"},
+        {"apiGroups": ["admissionregistration.k8s.io"], "resources": list(_WEBHOOK_CONFIGS), "verbs": ["patch"],
+         "resourceNames": [config_name],
+         "why": "kopf keeps their webhooks and CA bundle up to date, in the named objects only"},
+    ]
+
+
+WEBHOOK_RULES: list[dict[str, Any]] = webhook_rules()
 
 
 def k8s_rules(rules: list[dict[str, Any]]) -> list[dict[str, Any]]:

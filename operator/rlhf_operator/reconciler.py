@@ -222,7 +222,7 @@ class Reconciler:
             old = job.get("status") or {}
             conds = status_mod.Conditions(old.get("conditions"), status_mod.fmt_time(now), meta.get("generation"))
             conds.set("Created", False, "CreateFailed", str(e)[:500])
-            await self.kube.patch_job_status(kind, meta["namespace"], meta["name"], {"conditions": conds.items})
+            await self.kube.patch_job_status(kind, meta["namespace"], meta["name"], {"conditions": status_mod.prune_empty(conds.items)})
             self.spawn(self.kube.post_event(job, "Warning", "CreateFailed", str(e)))
             self.wake_at((meta["namespace"], kind, meta["name"]), time.time() + RETRY_SECONDS * 2)
             return False

@@ -14,17 +14,21 @@ from typing import Any
 
 # Hardened defaults for trainer pods. The pod part is a PodSecurityContext, the container part a
 # SecurityContext; RLHF_TRAINER_SECURITY_CONTEXT replaces either part.
+TRAINER_UID = 10001  # the trainer image's USER (trainer_image/Dockerfile)
 DEFAULT_POD_SECURITY_CONTEXT: dict[str, Any] = {
     "runAsNonRoot": True,
-    "runAsUser": 1000,
-    "runAsGroup": 1000,
-    "fsGroup": 1000,
+    "runAsUser": TRAINER_UID,
+    "runAsGroup": TRAINER_UID,
+    "fsGroup": TRAINER_UID,  # makes the checkpoint claim writable for that user
     "seccompProfile": {"type": "RuntimeDefault"},
 }
 DEFAULT_CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "readOnlyRootFilesystem": True,  # the pod's only writable places: /tmp (an emptyDir) and the claims
+    "privileged": False,
     "allowPrivilegeEscalation": False,
     "capabilities": {"drop": ["ALL"]},
-    "privileged": False,
+    "seccompProfile": {"type": "RuntimeDefault"},
 }
 
 

@@ -97,6 +97,13 @@ def test_trainer_pods_get_a_hardened_security_context(rendered):
     assert settings.trainer_pod_security_context["fsGroup"] == 10001  # the checkpoint claim stays writable
 
 
+def test_operator_defaults_equal_the_charts_trainer_security_context(chart):
+    """An operator run without the chart (RLHF_TRAINER_SECURITY_CONTEXT unset) hardens pods the same way."""
+    trainer = chart.merge_values({})["trainer"]
+    assert operator_settings.DEFAULT_POD_SECURITY_CONTEXT == trainer["podSecurityContext"]
+    assert operator_settings.DEFAULT_CONTAINER_SECURITY_CONTEXT == trainer["securityContext"]
+
+
 def _settings_read_by_the_operator() -> set[str]:
     return set(re.findall(r'"(RLHF_[A-Z_]+)"', inspect.getsource(operator_settings)))
 
@@ -212,13 +219,15 @@ def test_namespaced_mode_uses_roles_in_each_watched_namespace(chart):
     assert _resources(out.one("ClusterRole")["rules"]) == {"customresourcedefinitions", "namespaces"}
 
 
-def _flat(rules) -> set[tuple[str, str, str]]:
-    return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+def _flat(rules) -> set[tuple[str, str, str, tuple[str, ...]]]:
+    """(group, resource, verb, resourceNames) of every grant; no resourceNames = ()."""
+    return {(g, r, v, tuple(sorted(rule.get("resourceNames") or ())))
+            for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
 
 
 @pytest.mark.parametrize("name", ["default", "namespaced", "minimal"])
 def test_rbac_equals_the_rules_the_operator_declares(chart, name):
-    """The chart grants exactly rlhf_operator.rbac's rules; it may only narrow them by resourceNames."""
+    """The chart grants exactly rlhf_operator.rbac's rules, down to the webhook configuration's name."""
     out = render(chart, VALUE_SETS[name])
     values = chart.merge_values(VALUE_SETS[name])
     namespaced = bool(values["operator"]["watchNamespaces"])
@@ -226,7 +235,8 @@ def test_rbac_equals_the_rules_the_operator_declares(chart, name):
     if not namespaced:  # kopf observes namespaces only when it is not cluster-wide (kopf/_core/reactor/observation.py)
         cluster_rules = {r for r in cluster_rules if r[1] != "namespaces"}
     if values["webhook"]["enabled"]:
-        cluster_rules |= _flat(operator_rbac.WEBHOOK_RULES)
+        config_name = _env(_container(out)[1])["RLHF_WEBHOOK_CONFIG_NAME"]
+        cluster_rules |= _flat(operator_rbac.webhook_rules(config_name))
     expected_namespaced = _flat(operator_rbac.NAMESPACED_RULES)
     granted_cluster = _flat(out.one("ClusterRole")["rules"])
     if namespaced:
@@ -235,9 +245,6 @@ def test_rbac_equals_the_rules_the_operator_declares(chart, name):
         assert granted_cluster == cluster_rules
     else:
         assert granted_cluster == expected_namespaced | cluster_rules
-    for role in out.all("Role") + out.all("ClusterRole"):
-        for rule in role["rules"]:
-            assert "resourceNames" not in rule or rule["apiGroups"] == ["admissionregistration.k8s.io"], rule
 
 
 def test_rbac_is_least_privilege(rendered):
@@ -247,7 +254,8 @@ def test_rbac_is_least_privilege(rendered):
                 assert "*" not in rule[field], (role["metadata"]["name"], rule)
             assert not {"secrets", "serviceaccounts", "nodes"} & set(rule["resources"]), rule
             assert not {"escalate", "bind", "impersonate", "deletecollection"} & set(rule["verbs"]), rule
-            if "validatingwebhookconfigurations" in rule["resources"] and rule["verbs"] != ["create"]:
+            webhook_configs = {"validatingwebhookconfigurations", "mutatingwebhookconfigurations"}
+            if webhook_configs & set(rule["resources"]) and rule["verbs"] != ["create"]:
                 assert rule["resourceNames"], "webhook configuration rights beyond create must name the object"
 
 

@@ -152,6 +152,43 @@ def test_requirement_pins_agree_with_package_metadata():
     assert not {"torch", "transformers", "deepspeed"} & operator_pins.keys(), "the operator image must stay torch-free"
 
 
+def _third_party_imports(package_dir: Path) -> dict[str, str]:
+    """Top-level module -> first file importing it, for every module that is neither stdlib nor ours."""
+    import ast
+
+    found: dict[str, str] = {}
+    for path in sorted(package_dir.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and not top.startswith("rlhf_"):
+                    found.setdefault(top, str(path.relative_to(ROOT)))
+    return found
+
+
+def test_operator_pins_every_library_it_imports():
+    """A library the operator imports directly is its own dependency, pinned, not left to kopf's range."""
+    import importlib.metadata
+
+    dists = importlib.metadata.packages_distributions()
+    op_meta = tomllib.loads((ROOT / "operator" / "pyproject.toml").read_text())["project"]
+    declared = {PIN.match(d).group(1).lower() for d in op_meta["dependencies"]}
+    operator_pins = pins(ROOT / "requirements" / "operator.txt")
+    imports = _third_party_imports(ROOT / "operator" / "rlhf_operator")
+    assert {"kopf", "aiohttp", "prometheus_client", "yaml"} <= imports.keys(), imports
+    for module, where in imports.items():
+        (dist, *_) = dists[module]
+        dist = dist.lower().replace("_", "-")
+        assert dist in declared, f"{where} imports {module}: add {dist} to operator/pyproject.toml dependencies"
+        assert dist in operator_pins, f"{where} imports {module}: pin {dist} in requirements/operator.txt"
+
+
 def test_trainer_image_is_cuda_with_a_cuda_torch():
     steps = instructions(TRAINER)
     args = dict(a.split("=", 1) for w, a in steps if w == "ARG" and "=" in a)
@@ -174,6 +211,28 @@ def test_image_runs_as_the_numeric_non_root_user_the_chart_expects(dockerfile):
     # Nothing after USER may switch back to root.
     words = [w for w, _ in instructions(dockerfile)]
     assert "RUN" not in words[words.index("USER"):], "RUN after USER runs as the app user; keep USER last"
+
+
+def _env(dockerfile: Path) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for word, args in instructions(dockerfile):
+        if word == "ENV":
+            found.update(tok.split("=", 1) for tok in shlex.split(args))
+    return found
+
+
+def test_operator_defaults_match_the_trainer_image():
+    """Without chart values the operator still runs trainer pods as the image's user, with the image's
+    cache locations under the writable /tmp."""
+    from rlhf_operator import builders
+    from rlhf_operator.settings import DEFAULT_POD_SECURITY_CONTEXT
+
+    uid, _, gid = [a for w, a in instructions(TRAINER) if w == "USER"][-1].partition(":")
+    assert DEFAULT_POD_SECURITY_CONTEXT["runAsUser"] == int(uid)
+    assert DEFAULT_POD_SECURITY_CONTEXT["runAsGroup"] == DEFAULT_POD_SECURITY_CONTEXT["fsGroup"] == int(gid)
+    image_env = _env(TRAINER)
+    assert {k: image_env.get(k) for k in builders.SCRATCH_ENV} == builders.SCRATCH_ENV
+    assert image_env["HOME"] == builders.SCRATCH_MOUNT
 
 
 def test_exposed_ports_match_the_defaults():

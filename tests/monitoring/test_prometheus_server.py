@@ -263,8 +263,13 @@ def test_fleet_panels_show_the_operator_at_work(scraped):
     def last(title: str, target: int = 0) -> dict[str, float]:
         result = prom.query(grafana_expr(by_title[title]["targets"][target]["expr"]), scraped.end)
         return {r["metric"].get("kind"): float(r["value"][1]) for r in result}
-    assert last("Pod restarts") == {"SFTJob": 1.0}  # the job that failed once
-    handoff = last("Stage hand-off latency")
+    # Every kind's series exists from the operator's start, at zero until something happens ...
+    assert last("Pod restarts") == {"SFTJob": 1.0, "RewardModelJob": 0.0, "PPOJob": 0.0}  # the job that failed once
+    # ... so increase() over the run sees the first restart (a series born at 1 would show no increase).
+    window = f"{int(scraped.end - scraped.start) + 5}s"
+    increase = prom.query(f'sum(increase(rlhf_operator_pod_restarts_total{{kind="SFTJob"}}[{window}]))', scraped.end)
+    assert increase and float(increase[0]["value"][1]) >= 0.5, increase
+    handoff = last("Stage hand-off latency")  # mean: only kinds that had a hand-off (no 0/0)
     assert list(handoff) == ["PPOJob"] and 0 < handoff["PPOJob"] < 30
     phases = prom.query("sum by (kind, phase) (rlhf_operator_jobs) > 0", scraped.end)
     assert {(r["metric"]["kind"], r["metric"]["phase"], r["value"][1]) for r in phases} == {

@@ -5,38 +5,17 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+from op_helpers import REPO, STANDIN, free_port, wait_for
 
-REPO = Path(__file__).resolve().parents[2]
-STANDIN = REPO / "tests" / "support" / "standin_trainer.py"
 GROUP, VERSION = "rlhf.io", "v1alpha1"
 PLURALS = {"SFTJob": "sftjobs", "RewardModelJob": "rewardmodeljobs", "PPOJob": "ppojobs"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(what: str, fn, timeout: float = 60.0, interval: float = 0.2):
-    """Poll fn() until it returns something truthy; fail naming `what` and the last value."""
-    deadline = time.time() + timeout
-    last = None
-    while time.time() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last value: {last!r}")
 
 
 @pytest.fixture(scope="session")
@@ -210,30 +189,3 @@ class Jobs:
 @pytest.fixture
 def jobs(k8s, namespace):
     return Jobs(k8s, namespace)
-
-
-def trainer_pid(jobs: Jobs, pod: str) -> int:
-    """PID of a pod's trainer process on this machine (the local node agent runs it)."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            environ = (proc / "environ").read_bytes().split(b"\0")
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if f"POD_NAME={pod}".encode() in environ and f"RLHF_JOB_NAMESPACE={jobs.ns}".encode() in environ \
-                and STANDIN.name.encode() in cmdline:
-            return int(proc.name)
-    raise AssertionError(f"no trainer process of pod {pod} found")
-
-
-def metric_value(text: str, name: str, **labels: str) -> float | None:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    return None
-

@@ -135,3 +135,48 @@ def test_pvc_defaults_come_from_settings():
     pvc = builders.build_pvc(job(), Settings(checkpoint_size="3Gi", checkpoint_storage_class="std"))
     assert pvc["spec"]["resources"]["requests"]["storage"] == "3Gi" and pvc["spec"]["storageClassName"] == "std"
     assert "storageClassName" not in builders.build_pvc(job(), S)["spec"]
+
+
+def test_trainer_pod_gets_a_writable_tmp_for_home_and_caches():
+    """The root filesystem is read-only: /tmp is an emptyDir and HOME and the caches live under it."""
+    _, pod = build(job())
+    spec, c = pod["spec"], pod["spec"]["containers"][0]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    vols = {v["name"]: v for v in spec["volumes"]}
+    (tmp,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/tmp"]
+    assert vols[tmp["name"]] == {"name": tmp["name"], "emptyDir": {}} and not tmp.get("readOnly")
+    env = {k: v["value"] for k, v in env_of(pod).items() if "value" in v}
+    assert env["HOME"] == "/tmp"
+    for var in ("HF_HOME", "TRITON_CACHE_DIR", "TORCH_EXTENSIONS_DIR", "XDG_CACHE_HOME"):
+        assert env[var].startswith("/tmp/"), var
+
+
+def test_env_the_user_sets_wins_over_the_scratch_defaults():
+    j = job(spec={"model": {"path": "/m"}, "dataset": {"path": "/d"},
+                  "env": [{"name": "HF_HOME", "value": "/ckpt/hf"}, {"name": "STANDIN_X", "value": "1"}]})
+    _, pod = build(j)
+    names = [e["name"] for e in pod["spec"]["containers"][0]["env"]]
+    assert len(names) == len(set(names)), names  # one value per variable, no silent shadowing
+    env = env_of(pod)
+    assert env["HF_HOME"]["value"] == "/ckpt/hf" and env["STANDIN_X"]["value"] == "1"
+    assert env["HOME"]["value"] == "/tmp"
+
+
+def test_default_security_context_runs_as_the_trainer_images_user():
+    sc = S.trainer_pod_security_context
+    assert sc["runAsNonRoot"] is True
+    assert sc["runAsUser"] == sc["runAsGroup"] == sc["fsGroup"] == 10001  # trainer_image/Dockerfile: USER 10001:10001
+
+
+def test_empty_strings_in_the_spec_mean_unset():
+    """API servers built with Go >= 1.16 from 1.20 sources refuse "" in custom resources (the embedded one
+    does); others accept it. Either way the operator reads "" as "not set"."""
+    from rlhf_operator import jobspec
+
+    spec = {"model": {"path": "/m", "hubId": "", "tokenizerPath": "", "claim": ""},
+            "dataset": {"path": "/d", "hubId": ""}, "image": ""}
+    assert jobspec.validate("SFTJob", "j", spec) == []
+    cfg, pod = build(job(spec=spec))
+    assert cfg.model.path == "/m" and not cfg.model.hub_id and not cfg.model.tokenizer_path
+    assert pod["spec"]["containers"][0]["image"] == S.trainer_image
+    assert not [v for v in pod["spec"]["volumes"] if v["name"].startswith("input-")]

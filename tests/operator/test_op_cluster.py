@@ -11,7 +11,7 @@ import time
 
 import pytest
 import yaml
-from conftest import metric_value, trainer_pid, wait_for
+from op_helpers import metric_value, trainer_pid, wait_for
 from rlhf_trainer import config as tc
 
 
@@ -154,6 +154,8 @@ def test_operator_killed_mid_run_restarts_without_duplicates(operator_factory, j
 
 
 def test_killed_trainer_is_replaced_and_resumes(operator, jobs):
+    # The series exists at zero before the first restart, so increase() over the restart sees it.
+    assert metric_value(operator.metrics(), "rlhf_operator_pod_restarts_total", kind="SFTJob") == 0
     jobs.create("SFTJob", "crash", spec(steps=40, step_seconds=0.1, every=4))
     wait_for("a checkpoint", lambda: jobs.status("SFTJob", "crash").get("checkpoint", {}).get("latestStep", 0) >= 8, 30)
     os.kill(trainer_pid(jobs, "crash-trainer-0"), signal.SIGKILL)
@@ -281,34 +283,34 @@ def test_webhook_rejects_at_apply_time(operator_factory, jobs, k8s, namespace):
         jobs.wait_phase("SFTJob", "base", "Suspended", 20)
     finally:
         op.stop()
-        try:
-            adm.delete_validating_webhook_configuration(name)
-        except ApiException:
-            pass
+        _delete_webhook_configurations(adm, name)
 
 
 def _free_port():
-    from conftest import free_port
+    from op_helpers import free_port
 
     return free_port()
 
 
 def test_operator_works_with_exactly_its_rbac_rules(operator_factory, jobs, k8s, cluster, namespace, tmp_path):
-    """The rules in rlhf_operator.rbac are enough (a job runs to the end) and nothing more is granted."""
+    """The rules in rlhf_operator.rbac are enough (a job runs to the end, kopf manages its webhook
+    configurations) and nothing more is granted."""
     from kubernetes import client
     from kubernetes.client.rest import ApiException
     from rlhf_operator import rbac
 
-    rbac_api, core = client.RbacAuthorizationV1Api(k8s), jobs.core
+    rbac_api, core, adm = client.RbacAuthorizationV1Api(k8s), jobs.core, client.AdmissionregistrationV1Api(k8s)
+    webhook_config = f"rlhf-rbac-{namespace}.rlhf.io"
     core.create_namespaced_service_account(namespace, {"metadata": {"name": "rlhf-operator"}})
     subject = [{"kind": "ServiceAccount", "name": "rlhf-operator", "namespace": namespace}]
     rbac_api.create_namespaced_role(namespace, {"metadata": {"name": "rlhf-operator"}, "rules": rbac.k8s_rules(rbac.NAMESPACED_RULES)})
     rbac_api.create_namespaced_role_binding(namespace, {"metadata": {"name": "rlhf-operator"}, "subjects": subject,
                                                         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "rlhf-operator"}})
     cluster_role = f"rlhf-operator-{namespace}"
-    rbac_api.create_cluster_role({"metadata": {"name": cluster_role}, "rules": rbac.k8s_rules(rbac.CLUSTER_RULES)})
+    rbac_api.create_cluster_role({"metadata": {"name": cluster_role}, "rules": rbac.k8s_rules(rbac.CLUSTER_RULES + rbac.webhook_rules(webhook_config))})
     rbac_api.create_cluster_role_binding({"metadata": {"name": cluster_role}, "subjects": subject,
                                           "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_role}})
+    op = None
     try:
         token = core.create_namespaced_service_account_token(
             "rlhf-operator", namespace, {"spec": {"audiences": [], "expirationSeconds": 3600}}).status.token
@@ -317,7 +319,13 @@ def test_operator_works_with_exactly_its_rbac_rules(operator_factory, jobs, k8s,
             user["user"] = {"token": token}
         path = tmp_path / "operator-kubeconfig"
         path.write_text(json.dumps(kubeconfig))
-        op = operator_factory(KUBECONFIG=str(path))
+        op = operator_factory(KUBECONFIG=str(path), RLHF_WEBHOOK_ENABLED="1", RLHF_WEBHOOK_PORT=str(_free_port()),
+                              RLHF_WEBHOOK_CONFIG_NAME=webhook_config)
+        # kopf creates both configurations (it retries a forbidden create, then stops), then patches in our webhooks.
+        wait_for("kopf's validating (with webhooks) and mutating configurations", lambda: op.proc.poll() is not None or (
+            _webhooks(adm.read_validating_webhook_configuration, webhook_config)
+            and _exists(adm.read_mutating_webhook_configuration, webhook_config)), 30)
+        assert op.proc.poll() is None, op.log()[-3000:]
         jobs.create("RewardModelJob", "rbac-rm", spec(steps=4, ttlSecondsAfterFinished=2))
         jobs.create("PPOJob", "rbac-ppo", ppo_spec({"path": "/tmp"}, {"fromJob": {"name": "rbac-rm"}}, steps=3))
         jobs.wait_phase("PPOJob", "rbac-ppo", "Succeeded", 60)
@@ -330,6 +338,40 @@ def test_operator_works_with_exactly_its_rbac_rules(operator_factory, jobs, k8s,
             limited.list_namespaced_secret(namespace)
         assert e.value.status == 403
     finally:
+        if op is not None:
+            op.stop()  # while it still has the rights to clean up its webhook configurations
         rbac_api.delete_cluster_role_binding(cluster_role)
         rbac_api.delete_cluster_role(cluster_role)
+        _delete_webhook_configurations(adm, webhook_config)
+
+
+def _read_or_none(read, name):
+    from kubernetes.client.rest import ApiException
+
+    try:
+        return read(name)
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+def _webhooks(read, name):
+    found = _read_or_none(read, name)
+    return (found.webhooks or []) if found else []
+
+
+def _exists(read, name):
+    return _read_or_none(read, name) is not None
+
+
+def _delete_webhook_configurations(adm, name):
+    from kubernetes.client.rest import ApiException
+
+    for delete in (adm.delete_validating_webhook_configuration, adm.delete_mutating_webhook_configuration):
+        try:
+            delete(name)
+        except ApiException as e:
+            if e.status != 404:
+                raise
 

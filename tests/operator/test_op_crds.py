@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 import typing
+from pathlib import Path
 
 from rlhf_operator import crd_schema, crdgen
 from rlhf_trainer import config as tc
@@ -22,8 +25,35 @@ def version(kind):
 
 
 def test_generated_files_are_up_to_date():
-    stale = crdgen.stale_files(crdgen.DEFAULT_DIR)
-    assert not stale, f"crds/ out of date: {stale}; run `python -m rlhf_operator.crdgen`"
+    for out_dir in crdgen.DEFAULT_DIRS:
+        stale = crdgen.stale_files(out_dir)
+        assert not stale, f"{out_dir} out of date: {stale}; run `python -m rlhf_operator.crdgen`"
+
+
+def test_one_command_writes_crds_and_the_charts_copies(tmp_path, monkeypatch, capsys):
+    repo = Path(crdgen.__file__).resolve().parents[2]
+    assert crdgen.DEFAULT_DIRS == (repo / "crds", repo / "charts" / "rlhf-operator" / "crds")
+    source, chart = tmp_path / "crds", tmp_path / "chart-crds"
+    chart.mkdir()
+    (chart / "rlhf.io_oldjobs.yaml").write_text("kind: CustomResourceDefinition\n")  # a kind since removed
+    monkeypatch.setattr(crdgen, "DEFAULT_DIRS", (source, chart))
+    assert crdgen.main([]) == 0
+    expected = sorted(crdgen.render())
+    assert sorted(p.name for p in source.iterdir()) == expected == sorted(p.name for p in chart.iterdir())
+    assert all((source / n).read_bytes() == (chart / n).read_bytes() for n in expected)
+    assert crdgen.main(["--check"]) == 0
+    (chart / expected[0]).write_text((chart / expected[0]).read_text() + "# hand edit\n")
+    capsys.readouterr()
+    assert crdgen.main(["--check"]) == 1
+    err = capsys.readouterr().err
+    assert f"out of date in {chart}: {expected[0]}" in err and str(source) not in err
+    (source / "extra.yaml").write_text("x: 1\n")
+    assert crdgen.stale_files(source) == ["extra.yaml"]
+
+
+def test_check_passes_on_the_repository():
+    proc = subprocess.run([sys.executable, "-m", "rlhf_operator.crdgen", "--check"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_every_field_has_a_description():

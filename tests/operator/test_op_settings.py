@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from rlhf_operator.settings import DEFAULT_POD_SECURITY_CONTEXT, SettingsError, from_env
 
@@ -37,3 +39,45 @@ def test_values_are_parsed():
 def test_bad_values_name_the_variable(env, needle):
     with pytest.raises(SettingsError, match=needle.replace("(", r"\(")):
         from_env(env)
+
+
+def test_command_line_options_override_the_environment():
+    from rlhf_operator.__main__ import settings_env
+
+    env = settings_env(["-n", "a", "--namespace", "b", "-v", "--metrics-port", "0"],
+                       {"RLHF_WATCH_NAMESPACES": "old", "RLHF_LOG_LEVEL": "WARNING", "RLHF_CHECKPOINT_SIZE": "2Gi"})
+    s = from_env(env)
+    assert s.watch_namespaces == ("a", "b") and s.log_level == "DEBUG" and s.metrics_port == 0
+    assert s.checkpoint_size == "2Gi"  # untouched settings still come from the environment
+    assert from_env(settings_env([], {"RLHF_WATCH_NAMESPACES": "x"})).watch_namespaces == ("x",)
+
+
+def _run_operator(*args: str, **env: str):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "rlhf_operator", *args], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "KUBECONFIG": "/nonexistent", **env})
+
+
+def test_help_prints_usage_and_the_settings_and_exits():
+    proc = _run_operator("--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: python -m rlhf_operator" in proc.stdout and "--namespace" in proc.stdout
+    import re
+
+    from rlhf_operator import settings
+
+    read = set(re.findall(r'"(RLHF_[A-Z_]+)"', Path(settings.__file__).read_text()))
+    assert len(read) > 15 and not read - set(re.findall(r"RLHF_[A-Z_]+", proc.stdout)), read
+
+
+@pytest.mark.parametrize("args, env, needle", [
+    (["--metrics-port", "abc"], {}, "RLHF_METRICS_PORT='abc'"),
+    ([], {"RLHF_LOG_LEVEL": "loud"}, "RLHF_LOG_LEVEL"),
+    (["--no-such-option"], {}, "unrecognized arguments: --no-such-option"),
+])
+def test_bad_options_and_settings_stop_the_operator_before_it_starts(args, env, needle):
+    proc = _run_operator(*args, **env)
+    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
