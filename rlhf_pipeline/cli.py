@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     r.add_argument("--state-dir", default=str(REPO / ".state" / "demo-cluster"), help="embedded cluster state")
     r.add_argument("--timeout", type=float, default=1800, help="seconds before giving up on the pipeline")
     r.add_argument("--keep-cluster", action="store_true", help="leave the embedded cluster running afterwards")
-    r.add_argument("--image", default="rlhf-platform/trainer:0.1.0", help="trainer image (recorded locally)")
+    r.add_argument("--gpus", type=int, default=2, help="GPUs of the embedded cluster's node")
+    r.add_argument("--image", default="ghcr.io/rlhf-platform/rlhf-trainer:0.1.0", help="trainer image (recorded locally)")
     r.add_argument("--set", action="append", default=[], metavar="KIND/NAME:PATH=VALUE",
                    help="override a manifest field, e.g. PPOJob/harmless-ppo:spec.training.maxSteps=4")
     return p.parse_args(argv)
@@ -83,7 +84,8 @@ class Target:
         else:
             from localcluster import Cluster
 
-            self.local = Cluster(args.state_dir, name="rlhf-demo")
+            # Two GPUs: the SFT and reward-model stages run side by side, as they would on a real cluster.
+            self.local = Cluster(args.state_dir, name="rlhf-demo", nodes=[f"local-gpu-0:cpu=16,memory=64Gi,gpu={args.gpus}"])
             if not self.local.running():
                 print(f"starting the embedded cluster in {args.state_dir} ...", flush=True)
                 seconds = self.local.up()

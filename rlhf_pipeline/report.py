@@ -89,7 +89,8 @@ def plot_curves(series: dict[str, list[dict]], kinds: dict[str, str], path) -> N
         ax.set_title(f"{kinds[name]}/{name}")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
