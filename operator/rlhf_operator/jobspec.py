@@ -113,6 +113,8 @@ def validate(kind: str, name: str, spec: dict[str, Any], max_gpus: int = 8) -> l
         errors.append("spec.deepspeed: bf16 and fp16 are both true; choose one")
     if ds.get("offloadParams") and ds.get("zeroStage", 0) != 3:
         errors.append("spec.deepspeed.offloadParams: parameter offload needs zeroStage 3")
+    if ds.get("offloadOptimizer") and ds.get("zeroStage", 0) == 0:
+        errors.append("spec.deepspeed.offloadOptimizer: optimizer offload needs zeroStage 1, 2 or 3")
     ppo = spec.get("ppo") or {}
     if "minibatchSize" in ppo and ppo["minibatchSize"] > ppo.get("rolloutBatchSize", 16):
         errors.append(

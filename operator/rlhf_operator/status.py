@@ -390,7 +390,8 @@ def short_message(text: str, lines: int = 3, limit: int = 800) -> str:
     non-empty lines, where the error usually is."""
     tail = [line.strip() for line in text.strip().splitlines() if line.strip()][-lines:]
     out = " / ".join(tail)
-    return out if len(out) <= limit else "..." + out[-limit:]
+    # Keep both ends: the head names the field (e.g. "model.init_from_config: ..."), the tail the detail.
+    return out if len(out) <= limit else out[: limit // 2] + " ... " + out[-limit // 2:]
 
 
 def prune_empty(obj: Any) -> Any:

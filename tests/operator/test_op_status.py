@@ -278,4 +278,6 @@ def test_failure_message_keeps_the_end_of_a_log_tail():
 
     log = "\n".join(f"step {i}" for i in range(50)) + "\nTraceback ...\n  File x\nValueError: dataset row 7 is not JSON\n"
     assert short_message(log) == "Traceback ... / File x / ValueError: dataset row 7 is not JSON"
-    assert short_message("x" * 2000).startswith("...") and len(short_message("x" * 2000)) == 803
+    long = "config error: model.init_from_config: Unrecognized model " + "x, " * 1500 + "gpt2"
+    short = short_message(long)
+    assert len(short) == 805 and short.startswith("config error: model.init_from_config") and short.endswith("gpt2")
