@@ -1,0 +1,66 @@
+"""Command line: ``python -m rlhf_trainer {sft,reward,ppo} --config FILE`` (or ``$RLHF_CONFIG``).
+
+Exit codes (``contract``): 0 done, 2 bad config, 3 bad data, 4 unreadable model, 5 NaN/Inf loss,
+143 stopped by SIGTERM after writing a checkpoint. The reason of a failure is printed and also
+written to the container's termination message (``$RLHF_TERMINATION_LOG``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from . import contract
+from .config import CONFIG_FILE_NAME, CONFIG_MOUNT_DIR, STAGES, ConfigError, TrainerConfig, load_config
+from .runtime.failure import Preempted, TrainerError, fail, write_termination_message
+
+# Stage -> module with run(cfg); imported lazily so that `--help` and config errors need no torch.
+STAGE_MODULES = {"sft": "rlhf_trainer.sft", "reward": "rlhf_trainer.reward", "ppo": "rlhf_trainer.ppo"}
+
+
+_KIND = {"DataError": "data error", "ModelError": "model error", "NumericError": "numeric error"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m rlhf_trainer", description="RLHF trainer: SFT, reward model, PPO.")
+    p.add_argument("stage", choices=STAGES, help="training stage to run")
+    p.add_argument(
+        "--config",
+        default=os.environ.get(contract.ENV_CONFIG) or f"{CONFIG_MOUNT_DIR}/{CONFIG_FILE_NAME}",
+        help=f"trainer config (YAML/JSON); default ${contract.ENV_CONFIG} or {CONFIG_MOUNT_DIR}/{CONFIG_FILE_NAME}",
+    )
+    return p.parse_args(argv)
+
+
+def run_stage(cfg: TrainerConfig) -> dict:
+    if cfg.training.threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.training.threads)
+    return importlib.import_module(STAGE_MODULES[cfg.stage]).run(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, stage=args.stage)
+        result = run_stage(cfg)
+    except ConfigError as e:
+        fail(contract.EXIT_CONFIG_ERROR, f"config error: {e}")
+    except Preempted as e:
+        fail(e.exit_code, f"preempted: {e}")
+    except TrainerError as e:
+        fail(e.exit_code, f"{_KIND.get(type(e).__name__, 'error')}: {e}")
+    except Exception as e:  # a bug or an environment problem: keep the traceback, record the reason
+        write_termination_message(f"unexpected error: {type(e).__name__}: {e}")
+        raise
+    final = (result or {}).get("final_dir")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"rlhf-trainer: {args.stage} done" + (f"; model exported to {final}" if final else ""), flush=True)
+    return contract.EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Text -> token ids, the same way at training, scoring and generation time.
+
+Rules that keep the stages consistent:
+
+* With a chat template on the tokenizer, prompts are rendered through it (user/assistant turns);
+  otherwise prompt and response are used as raw text (``prompt + response``).
+* Sequences start with the tokenizer's start token when it has a distinct one (``[CLS]`` for BERT,
+  ``<s>`` for Llama; none for GPT-2) and every scored/trained sequence ends with EOS, so the
+  reward is read at the same token at training and at scoring time.
+* Too long sequences lose the *start* of the prompt: the response, where chosen and rejected
+  differ, is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .formats import PreferencePair, SFTExample
+
+IGNORE_INDEX = -100
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _chat(prompt: str, messages) -> list[dict[str, str]]:
+    turns = messages or (("user", prompt),)
+    return [{"role": role, "content": content} for role, content in turns]
+
+
+def render_prompt(tokenizer, prompt: str, messages=None) -> str:
+    """The text a policy is prompted with (chat template with a generation prompt, or the raw prompt)."""
+    if has_chat_template(tokenizer):
+        return tokenizer.apply_chat_template(_chat(prompt, messages), tokenize=False, add_generation_prompt=True)
+    return prompt
+
+
+def render_full(tokenizer, prompt: str, response: str, messages=None) -> str:
+    """Prompt and response as one text, as the reward model and SFT see it."""
+    if has_chat_template(tokenizer):
+        chat = [*_chat(prompt, messages), {"role": "assistant", "content": response.strip()}]
+        return tokenizer.apply_chat_template(chat, tokenize=False)
+    return prompt + response
+
+
+def start_ids(tokenizer) -> list[int]:
+    """Token(s) put before every sequence when no chat template renders them."""
+    if has_chat_template(tokenizer):
+        return []
+    if tokenizer.cls_token_id is not None:
+        return [tokenizer.cls_token_id]
+    if tokenizer.bos_token_id is not None and tokenizer.bos_token_id != tokenizer.eos_token_id:
+        return [tokenizer.bos_token_id]
+    return []
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def _with_eos(tokenizer, ids: list[int]) -> list[int]:
+    eos = tokenizer.eos_token_id
+    return ids if ids and ids[-1] == eos else [*ids, eos]
+
+
+def encode_for_scoring(tokenizer, text: str, max_length: int) -> list[int]:
+    """``start + text + EOS``, cut from the left of ``text`` to fit ``max_length``."""
+    start = start_ids(tokenizer)
+    body = _with_eos(tokenizer, _ids(tokenizer, text))
+    keep = max_length - len(start)
+    return start + body[-keep:]
+
+
+def encode_prompt(tokenizer, prompt: str, max_length: int, messages=None) -> list[int]:
+    """A generation prompt (no EOS), cut from the left to ``max_length`` tokens."""
+    start = start_ids(tokenizer)
+    body = _ids(tokenizer, render_prompt(tokenizer, prompt, messages))
+    return start + body[-(max_length - len(start)):]
+
+
+def encode_sft(tokenizer, ex: SFTExample, max_length: int, loss_on_prompt: bool = False) -> tuple[list[int], list[int]]:
+    """(input ids, labels) with prompt labels set to IGNORE_INDEX unless ``loss_on_prompt``.
+
+    Prompt and response are tokenised separately so the boundary is exact; the response ends with EOS.
+    When too long, the prompt keeps at most half of ``max_length`` (its end) and the response is cut.
+    """
+    start = start_ids(tokenizer)
+    if has_chat_template(tokenizer):
+        prompt_ids = _ids(tokenizer, render_prompt(tokenizer, ex.prompt, ex.messages))
+        full = _with_eos(tokenizer, _ids(tokenizer, render_full(tokenizer, ex.prompt, ex.response, ex.messages)))
+        response_ids = full[len(prompt_ids):]
+    else:
+        prompt_ids = _ids(tokenizer, ex.prompt)
+        response_ids = _with_eos(tokenizer, _ids(tokenizer, ex.response))
+    room = max_length - len(start)
+    if len(prompt_ids) + len(response_ids) > room:
+        keep_prompt = min(len(prompt_ids), max(room - len(response_ids), room // 2))
+        prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt:]
+        response_ids = response_ids[: room - keep_prompt]
+    prompt_part = start + prompt_ids
+    ids = prompt_part + response_ids
+    labels = list(ids) if loss_on_prompt else [IGNORE_INDEX] * len(prompt_part) + response_ids
+    return ids, labels
+
+
+def pack(sequences: Sequence[tuple[list[int], list[int]]], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """Greedily concatenate consecutive (ids, labels) into sequences of at most ``max_length`` tokens.
+
+    Examples are never split; attention is causal across example boundaries (plain packing), each
+    example ends with EOS so the model learns where one ends.
+    """
+    packed: list[tuple[list[int], list[int]]] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    for seq_ids, seq_labels in sequences:
+        if ids and len(ids) + len(seq_ids) > max_length:
+            packed.append((ids, labels))
+            ids, labels = [], []
+        ids, labels = ids + seq_ids, labels + seq_labels
+    if ids:
+        packed.append((ids, labels))
+    return packed
+
+
+def pad_batch(seqs: Sequence[list[int]], pad_id: int, labels: Sequence[list[int]] | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence: input_ids, attention_mask (and labels padded with IGNORE_INDEX)."""
+    width = max(len(s) for s in seqs)
+    out = {
+        "input_ids": torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs], dtype=torch.long),
+        "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], dtype=torch.long),
+    }
+    if labels is not None:
+        out["labels"] = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for lab in labels], dtype=torch.long)
+    return out
+
+
+def collate_pairs(tokenizer, pairs: Sequence[PreferencePair], max_length: int) -> dict[str, torch.Tensor]:
+    """One padded batch of 2B sequences: the B chosen texts first, then the B rejected ones."""
+    texts = [render_full(tokenizer, p.prompt, p.chosen, p.messages) for p in pairs]
+    texts += [render_full(tokenizer, p.prompt, p.rejected, p.messages) for p in pairs]
+    return pad_batch([encode_for_scoring(tokenizer, t, max_length) for t in texts], tokenizer.pad_token_id)
+
+
+def collate_sft(tokenizer, encoded: Sequence[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    return pad_batch([ids for ids, _ in encoded], tokenizer.pad_token_id, [lab for _, lab in encoded])

@@ -1,0 +1,349 @@
+"""The one place that touches DeepSpeed and torch.distributed.
+
+``Strategy(cfg).setup()`` joins the process group (torchrun env, or a single local process), picks
+the device and seeds. ``prepare(model, lr, total_steps)`` returns an engine: a DeepSpeed engine, or
+with ``deepspeed.enabled: false`` a :class:`TorchEngine` with the same surface
+(``engine(...)``, ``.backward(loss)``, ``.step()``, ``.module``, ``.get_lr()``,
+``.get_global_grad_norm()``), so the stage loops never branch on the backend.
+
+On a machine without CUDA, DeepSpeed runs with ``DS_ACCELERATOR=cpu`` and gloo; its first start
+JIT-builds a small comm op (about 90 s, cached in ~/.cache/torch_extensions).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ConfigError, TrainerConfig
+from . import rng
+
+ENGINE_TAG = "engine"  # DeepSpeed checkpoint tag inside a checkpoint directory
+
+
+# --- pure builders -------------------------------------------------------------------------------
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def uses_deepspeed_optimizer(cfg: TrainerConfig) -> bool:
+    """ZeRO-Offload needs DeepSpeed's CPU Adam; otherwise torch's AdamW is used (no JIT build)."""
+    return cfg.deepspeed.offload_optimizer
+
+
+def deepspeed_config(cfg: TrainerConfig, world_size: int, lr: float) -> dict[str, Any]:
+    """The DeepSpeed config of one trained model, from the trainer config (pure; raises ConfigError)."""
+    ds, t = cfg.deepspeed, cfg.training
+    if ds.offload_params and ds.zero_stage != 3:
+        raise ConfigError(f"deepspeed.offload_params needs deepspeed.zero_stage 3, got {ds.zero_stage}")
+    if ds.offload_optimizer and ds.zero_stage == 0:
+        raise ConfigError("deepspeed.offload_optimizer needs deepspeed.zero_stage 1, 2 or 3")
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    out: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "train_batch_size": t.batch_size * t.gradient_accumulation_steps * world_size,
+        "gradient_clipping": t.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.bf16},
+        "fp16": {"enabled": ds.fp16, "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if uses_deepspeed_optimizer(cfg):
+        out["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": t.weight_decay},
+        }
+        out["zero_force_ds_cpu_optimizer"] = True
+    return _deep_merge(out, ds.extra)
+
+
+def lr_multiplier(step: int, warmup: int, total: int, schedule: str) -> float:
+    """LR factor of optimizer step ``step`` (0-based): linear warm-up to 1, then constant/linear/cosine decay."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0 - progress
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only (not on biases and norm scales)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- plain torch engine --------------------------------------------------------------------------
+
+class TorchEngine:
+    """DeepSpeed-engine surface over a plain torch model, optimizer and scheduler (DDP when distributed).
+
+    As with DeepSpeed, ``backward`` and ``step`` are called for every micro batch; the optimizer
+    steps on the last micro batch of each accumulation window.
+    """
+
+    def __init__(self, module, optimizer, lr_scheduler, grad_accum: int, max_grad_norm: float, ddp=None):
+        self.module = module
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.gradient_accumulation_steps = grad_accum
+        self.max_grad_norm = max_grad_norm
+        self._ddp = ddp
+        self.micro_steps = 0
+        self.global_steps = 0
+        self._grad_norm: float | None = None
+
+    def __call__(self, *args, **kwargs):
+        return (self._ddp or self.module)(*args, **kwargs)
+
+    def train(self, mode: bool = True):
+        self.module.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return (self.micro_steps + 1) % self.gradient_accumulation_steps == 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        scaled = loss / self.gradient_accumulation_steps
+        if self._ddp is not None and not self.is_gradient_accumulation_boundary():
+            with self._ddp.no_sync():
+                scaled.backward()
+        else:
+            scaled.backward()
+
+    def step(self) -> None:
+        if self.is_gradient_accumulation_boundary():
+            params = [p for p in self.module.parameters() if p.grad is not None]
+            clip = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
+            self._grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if params else 0.0
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.global_steps += 1
+        self.micro_steps += 1
+
+    def get_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def get_global_grad_norm(self) -> float | None:
+        return self._grad_norm
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "micro_steps": self.micro_steps,
+            "global_steps": self.global_steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.micro_steps = state["micro_steps"]
+        self.global_steps = state["global_steps"]
+
+
+# --- strategy ------------------------------------------------------------------------------------
+
+class Strategy:
+    """Process group, device, engines and collective helpers of one run."""
+
+    def __init__(self, cfg: TrainerConfig):
+        self.cfg = cfg
+        self.use_deepspeed = cfg.deepspeed.enabled
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.device = torch.device("cpu")
+        if self.use_deepspeed:
+            deepspeed_config(cfg, self.world_size, cfg.training.learning_rate)  # fail on bad config early
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    def setup(self) -> Strategy:
+        """Join the process group (if any), pick the device, set threads and seeds."""
+        if self.cfg.training.threads > 0:
+            torch.set_num_threads(self.cfg.training.threads)
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+        backend = "nccl" if cuda else "gloo"
+        if self.use_deepspeed:
+            if not cuda:
+                os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            # DeepSpeed always wants a process group, also for a single local process.
+            for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+                os.environ.setdefault(key, value)
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            import deepspeed
+
+            if not self.distributed:
+                deepspeed.init_distributed(dist_backend=backend)
+        elif self.world_size > 1 and not self.distributed:
+            torch.distributed.init_process_group(backend=backend)
+        rng.set_seed(self.cfg.training.seed)
+        return self
+
+    def close(self) -> None:
+        if self.distributed:
+            torch.distributed.destroy_process_group()
+
+    # --- engines ---------------------------------------------------------------------------------
+
+    def _scheduler_fn(self, total_steps: int) -> Callable[[torch.optim.Optimizer], Any]:
+        t = self.cfg.training
+
+        def build(optimizer):
+            return torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda s: lr_multiplier(s, t.warmup_steps, total_steps, t.lr_schedule)
+            )
+
+        return build
+
+    def _optimizer(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+        kwargs = {"fused": True} if self.device.type == "cuda" else {}
+        return torch.optim.AdamW(param_groups(model, self.cfg.training.weight_decay), lr=lr, **kwargs)
+
+    def prepare(self, model: torch.nn.Module, lr: float, total_steps: int):
+        """Wrap a trainable model with optimizer (AdamW) and LR schedule; returns the engine."""
+        t = self.cfg.training
+        if self.use_deepspeed:
+            import deepspeed
+
+            ds_config = deepspeed_config(self.cfg, self.world_size, lr)
+            optimizer = None if uses_deepspeed_optimizer(self.cfg) else self._optimizer(model, lr)
+            engine, *_ = deepspeed.initialize(
+                model=model,
+                model_parameters=[p for p in model.parameters() if p.requires_grad] if optimizer is None else None,
+                optimizer=optimizer,
+                lr_scheduler=self._scheduler_fn(total_steps),
+                config=ds_config,
+            )
+            return engine
+        model.to(self.device)
+        if self.cfg.deepspeed.bf16:
+            model.to(torch.bfloat16)
+        ddp = None
+        if self.world_size > 1:
+            ids = [self.local_rank] if self.device.type == "cuda" else None
+            ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
+        optimizer = self._optimizer(model, lr)
+        return TorchEngine(model, optimizer, self._scheduler_fn(total_steps)(optimizer),
+                           t.gradient_accumulation_steps, t.max_grad_norm, ddp)
+
+    def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A model that is only evaluated (reference policy, reward model): on the device, eval, no grads."""
+        dtype = torch.bfloat16 if self.cfg.deepspeed.bf16 else torch.float16 if self.cfg.deepspeed.fp16 else None
+        model.to(self.device, dtype=dtype) if dtype else model.to(self.device)
+        model.eval().requires_grad_(False)
+        return model
+
+    @staticmethod
+    def unwrap(engine) -> torch.nn.Module:
+        return engine.module
+
+    def full_state_dict(self, engine) -> dict[str, torch.Tensor] | None:
+        """The complete state dict (gathered under ZeRO-3; collective). None on non-main processes."""
+        if self.use_deepspeed and self.cfg.deepspeed.zero_stage == 3:
+            sd = engine._zero3_consolidated_16bit_state_dict()
+            return sd if self.is_main else None
+        return engine.module.state_dict() if self.is_main else None
+
+    # --- checkpoints -----------------------------------------------------------------------------
+
+    def save(self, engine, directory: str | Path) -> None:
+        """Engine state (model, optimizer, scheduler) and this process's RNG state into ``directory``.
+        Called on every process (DeepSpeed writes one shard per rank)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        if self.use_deepspeed:
+            engine.save_checkpoint(str(d), tag=ENGINE_TAG, save_latest=False)
+        elif self.is_main:
+            torch.save(engine.state_dict(), d / "engine.pt")
+        torch.save(rng.capture(), d / f"rng-rank{self.rank}.pt")
+
+    def load(self, engine, directory: str | Path) -> None:
+        """Restore what :meth:`save` wrote (same world size for ZeRO stages 1-3)."""
+        d = Path(directory)
+        if self.use_deepspeed:
+            path, _ = engine.load_checkpoint(
+                str(d), tag=ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+            if path is None:
+                raise RuntimeError(f"DeepSpeed could not load the checkpoint in {d}")
+        else:
+            engine.load_state_dict(torch.load(d / "engine.pt", map_location=self.device, weights_only=False))
+        rng_file = d / f"rng-rank{self.rank}.pt"
+        if not rng_file.exists():  # resumed with more processes than saved: reuse rank 0's streams
+            rng_file = d / "rng-rank0.pt"
+        rng.restore(torch.load(rng_file, weights_only=False))
+
+    # --- collectives -----------------------------------------------------------------------------
+
+    def _reduce(self, x, op):
+        if self.world_size == 1 or not self.distributed:
+            return x
+        t = torch.as_tensor(x, dtype=torch.float64 if self.device.type == "cpu" else torch.float32)
+        t = t.to(self.device).clone()
+        torch.distributed.all_reduce(t, op=op)
+        return t
+
+    def all_reduce_sum(self, x):
+        """Sum over processes; a float in gives a float out, a tensor gives a tensor."""
+        out = self._reduce(x, torch.distributed.ReduceOp.SUM)
+        if out is x:
+            return x
+        return float(out) if not isinstance(x, torch.Tensor) else out.to(x.dtype).to(x.device)
+
+    def all_reduce_mean(self, x):
+        """Mean over processes; a float in gives a float out, a tensor gives a tensor."""
+        out = self.all_reduce_sum(x)
+        return out if self.world_size == 1 else out / self.world_size
+
+    def any_true(self, flag: bool) -> bool:
+        out = self._reduce(float(flag), torch.distributed.ReduceOp.MAX)
+        return bool(out)
+
+    def barrier(self) -> None:
+        if self.world_size > 1 and self.distributed:
+            torch.distributed.barrier()
