@@ -37,3 +37,14 @@ def test_export_records_output_and_input_digests(tmp_path):
     meta = json.loads((final / tc.METADATA_FILE).read_text())
     assert meta["output_digest"] == tree_digest(final)
     assert meta["inputs"]["digests"] == {str(actor): tree_digest(actor), str(rm): tree_digest(rm)}
+
+
+def test_success_termination_message_carries_final_progress():
+    from rlhf_operator.status import final_progress
+    from rlhf_trainer import contract as c
+    from rlhf_trainer.cli import final_metrics_message
+
+    msg = final_metrics_message({"step": 40, "metrics": {c.M_RM_EVAL_ACCURACY: 0.75, c.M_LOSS: 0.5,
+                                                         "not_a_metric": 1.0, c.M_PPO_KL: float("nan")}})
+    assert len(msg) < 4000
+    assert final_progress(msg) == {"step": 40, "totalSteps": 40, "accuracy": 0.75, "loss": 0.5}

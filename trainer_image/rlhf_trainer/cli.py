@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import math
 import os
 import sys
 
@@ -42,6 +44,21 @@ def run_stage(cfg: TrainerConfig) -> dict:
     return importlib.import_module(STAGE_MODULES[cfg.stage]).run(cfg)
 
 
+def final_metrics_message(result: dict) -> str:
+    """The termination message of a successful run: its final metrics as JSON keyed by contract names.
+
+    The operator reads it for the job's final progress, so a finished job shows its last step even when
+    the run ended between two scrapes of the metrics endpoint.
+    """
+    values = {k: v for k, v in (result.get("metrics") or {}).items()
+              if k.startswith("rlhf_") and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    step = result.get("step")
+    if isinstance(step, int):
+        values[contract.M_STEP] = step
+        values[contract.M_TOTAL_STEPS] = step
+    return json.dumps(values, sort_keys=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -58,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     final = (result or {}).get("final_dir")
     if int(os.environ.get("RANK", "0")) == 0:
+        write_termination_message(final_metrics_message(result or {}))
         print(f"rlhf-trainer: {args.stage} done" + (f"; model exported to {final}" if final else ""), flush=True)
     return contract.EXIT_OK
 
