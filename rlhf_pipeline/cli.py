@@ -117,6 +117,18 @@ def stop_process(proc: subprocess.Popen, grace: float = 15.0) -> None:
         proc.wait()
 
 
+def share_extension_cache(docs: list[dict], cache_dir: str) -> None:
+    """Embedded cluster only: let trainer pods share the host's torch extension cache.
+
+    On the CPU, DeepSpeed JIT-compiles a shared-memory comm op (~90 s) on first use; a CPU trainer image
+    would ship it prebuilt. Pods here run from this checkout's venv, so the host's cache plays that part.
+    """
+    for doc in docs:
+        env = doc.setdefault("spec", {}).setdefault("env", [])
+        if not any(e.get("name") == "TORCH_EXTENSIONS_DIR" for e in env):
+            env.append({"name": "TORCH_EXTENSIONS_DIR", "value": cache_dir})
+
+
 def seed_inputs(api, namespace: str, data: Path, image: str, claim: str) -> None:
     if not data.is_file():
         raise SystemExit(f"dataset {data} not found; pass --data PATH to the HH-RLHF pairs JSONL")
@@ -166,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     operator = None
     try:
         api = kube.api_client(target.kubeconfig)
+        if target.local is not None:
+            share_extension_cache(manifests, str(Path.home() / ".cache" / "torch_extensions"))
         kube.apply_crds(api, REPO / "crds")
         kube.fresh_namespace(api, args.namespace)
         operator = start_operator(target.kubeconfig, args.namespace, out / "operator.log", args.image)

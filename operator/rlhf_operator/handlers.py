@@ -6,7 +6,9 @@ kopf writes nothing to the jobs, and a job can be deleted even while the operato
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
@@ -18,6 +20,9 @@ from rlhf_operator.reconciler import Reconciler
 
 log = logging.getLogger(__name__)
 POD_LABELS = {builders.LABEL_MANAGED_BY: builders.MANAGER, builders.LABEL_JOB: kopf.PRESENT, builders.LABEL_KIND: kopf.PRESENT}
+
+
+API_THREADS = 32
 
 
 def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
@@ -38,6 +43,9 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
 
     @kopf.on.startup(registry=registry)
     async def startup(**kwargs: Any) -> None:
+        # API calls run in threads (kube.py); the default pool (cpus + 4) caps a burst of new jobs at a few
+        # reconciles in flight, each waiting on the API server, not the CPU.
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=API_THREADS))
         indices = {k: v for k, v in kwargs.items() if k.endswith("_index")}
         await reconciler.start(indices)
         log.info("rlhf-operator started (namespaces: %s)", ", ".join(reconciler.settings.watch_namespaces) or "all")

@@ -73,3 +73,13 @@ def test_plot_curves_writes_png(tmp_path):
     out = tmp_path / "c.png"
     report.plot_curves(series, {"ppo": "PPOJob"}, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_extension_cache_is_shared_but_never_overrides_the_job():
+    from rlhf_pipeline.cli import share_extension_cache
+
+    docs = [{"kind": "SFTJob", "spec": {}},
+            {"kind": "PPOJob", "spec": {"env": [{"name": "TORCH_EXTENSIONS_DIR", "value": "/mine"}]}}]
+    share_extension_cache(docs, "/host/cache")
+    assert docs[0]["spec"]["env"] == [{"name": "TORCH_EXTENSIONS_DIR", "value": "/host/cache"}]
+    assert docs[1]["spec"]["env"] == [{"name": "TORCH_EXTENSIONS_DIR", "value": "/mine"}]
