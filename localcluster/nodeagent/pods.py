@@ -273,6 +273,7 @@ class PodWorker:
         term_path = os.path.join(self.run_dir, f"{c.name}.termination-log")
         mounts.append(Mount(term_path, spec.get("terminationMessagePath") or DEFAULT_TERMINATION_PATH, False, True))
         log_path = self.agent.log_path(self.namespace, self.name, c.name)
+        fresh_log_for_pod(log_path, self.uid)
         try:
             proc = ContainerProcess(self.run_dir, c.name, argv, env, spec.get("workingDir") or self.agent.default_workdir,
                                     [m.to_json() for m in mounts], log_path, user)
@@ -441,3 +442,19 @@ class PodWorker:
             self.agent.addresses.release(self.pod_ip)
         self._release_gpus()
         shutil.rmtree(self.pod_dir, ignore_errors=True)
+
+
+def fresh_log_for_pod(log_path: str, uid: str) -> None:
+    """Logs are kept by pod name; a new pod object with the same name (another UID) starts a new log,
+    while container restarts within one pod keep appending, as `kubectl logs` would show them."""
+    owner = log_path + ".uid"
+    try:
+        with open(owner) as f:
+            same = f.read().strip() == uid
+    except OSError:
+        same = False
+    if not same:
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        open(log_path, "w").close()  # noqa: SIM115 - truncate only
+        with open(owner, "w") as f:
+            f.write(uid)

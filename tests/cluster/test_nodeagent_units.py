@@ -217,3 +217,15 @@ def test_shim_drops_root_when_asked(tmp_path):
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["65534", "65534", "65534", "2000"]
     assert (tmp_path / "err").read_text() == ""
+
+
+def test_a_new_pod_with_the_same_name_starts_a_fresh_log(tmp_path):
+    from localcluster.nodeagent.pods import fresh_log_for_pod
+
+    log = tmp_path / "ns" / "pod" / "main.log"
+    fresh_log_for_pod(str(log), "uid-1")
+    log.write_text("first pod\n")
+    fresh_log_for_pod(str(log), "uid-1")  # a container restart in the same pod keeps the log
+    assert log.read_text() == "first pod\n"
+    fresh_log_for_pod(str(log), "uid-2")  # the same name, a new pod object
+    assert log.read_text() == ""
