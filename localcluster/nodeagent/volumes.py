@@ -40,6 +40,7 @@ class Mount:
 class Volume:
     path: str
     read_only: bool
+    scratch: bool = False  # an emptyDir: only private scratch space, never data the pod must see
 
 
 Lookup = Callable[[str, str], dict | None]
@@ -144,7 +145,7 @@ class VolumeBuilder:
                 path = local
                 _write_files(path, self._projection(kind, source, ns, ctx, what))
             read_only = kind in ALWAYS_READ_ONLY or bool(source.get("readOnly"))
-            volumes[name] = Volume(path, read_only)
+            volumes[name] = Volume(path, read_only, scratch=kind == "emptyDir")
         return volumes
 
     def _projection(self, kind: str, source: dict, ns: str, ctx: PodContext, what: str) -> dict:
@@ -192,6 +193,11 @@ def protected_paths() -> list[str]:
                    "/proc", "/sys"})
 
 
+def project_dir() -> str:
+    """The checkout whose venv runs the containers (its code, e.g. test helpers, must stay visible)."""
+    return os.path.dirname(sys.prefix) if sys.prefix != sys.base_prefix else sys.prefix
+
+
 def hidden_path(mount_path: str, protected: list[str]) -> str | None:
     """The protected path a mount at mount_path would cover, if any."""
     for path in protected:
@@ -211,11 +217,15 @@ def container_mounts(container: dict, volumes: dict[str, Volume], env: dict[str,
             raise VolumeError(f"{where}: the pod has no volume named {name!r}")
         if not dst.startswith("/"):
             raise VolumeError(f"{where}: mountPath {dst!r} must be absolute")
-        covered = hidden_path(posixpath.normpath(dst), protected)
+        vol = volumes[name]
+        covered = hidden_path(posixpath.normpath(dst), protected + ([project_dir()] if vol.scratch else []))
+        if covered and vol.scratch:
+            # e.g. an emptyDir at /tmp while this checkout lives under /tmp: a container's scratch space
+            # must not hide the code it runs, and the host directory is writable anyway - skip the mount.
+            continue
         if covered:
             raise VolumeError(f"{where}: mountPath {dst} would hide {covered}, which containers on the local node "
                               "share with the host (the project's Python environment runs them); mount it elsewhere")
-        vol = volumes[name]
         src = vol.path
         sub = vm.get("subPath") or expand(vm.get("subPathExpr") or "", env)
         if sub:

@@ -229,3 +229,17 @@ def test_a_new_pod_with_the_same_name_starts_a_fresh_log(tmp_path):
     assert log.read_text() == "first pod\n"
     fresh_log_for_pod(str(log), "uid-2")  # the same name, a new pod object
     assert log.read_text() == ""
+
+
+def test_scratch_volume_over_the_checkout_is_skipped_but_data_volumes_are_refused(tmp_path):
+    import sys
+
+    import pytest
+
+    from localcluster.nodeagent.volumes import Volume, VolumeError, container_mounts
+
+    over_venv = sys.prefix.rsplit("/", 1)[0] or "/"
+    c = {"name": "main", "volumeMounts": [{"name": "scratch", "mountPath": over_venv}]}
+    assert container_mounts(c, {"scratch": Volume(str(tmp_path), False, scratch=True)}, {}) == []
+    with pytest.raises(VolumeError, match="would hide"):
+        container_mounts(c, {"scratch": Volume(str(tmp_path), False, scratch=False)}, {})
