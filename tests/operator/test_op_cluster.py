@@ -254,7 +254,15 @@ def test_webhook_rejects_at_apply_time(operator_factory, jobs, k8s, namespace):
                           RLHF_WEBHOOK_FAILURE_POLICY="Fail")
     adm = client.AdmissionregistrationV1Api(k8s)
     try:
-        wait_for("webhook configuration", lambda: (adm.read_validating_webhook_configuration(name).webhooks or []), 30)
+        def configured():
+            try:
+                return adm.read_validating_webhook_configuration(name).webhooks or []
+            except ApiException as e:
+                if e.status == 404:  # kopf has not created it yet
+                    return None
+                raise
+
+        wait_for("webhook configuration", configured, 30)
         jobs.create("SFTJob", "base", spec(steps=200, step_seconds=0.1))
 
         def rejected(kind, job_name, s):
