@@ -209,6 +209,7 @@ def hidden_path(mount_path: str, protected: list[str]) -> str | None:
 def container_mounts(container: dict, volumes: dict[str, Volume], env: dict[str, str]) -> list[Mount]:
     """The bind mounts for one container, parents before children."""
     mounts = []
+    keep: set[str] = set()
     protected = protected_paths()
     for vm in container.get("volumeMounts") or []:
         name, dst = vm.get("name"), vm.get("mountPath", "")
@@ -220,10 +221,11 @@ def container_mounts(container: dict, volumes: dict[str, Volume], env: dict[str,
         vol = volumes[name]
         covered = hidden_path(posixpath.normpath(dst), protected + ([project_dir()] if vol.scratch else []))
         if covered and vol.scratch:
-            # e.g. an emptyDir at /tmp while this checkout lives under /tmp: a container's scratch space
-            # must not hide the code it runs, and the host directory is writable anyway - skip the mount.
-            continue
-        if covered:
+            # e.g. an emptyDir at /tmp while this checkout lives under /tmp: mount it, then bind the covered
+            # paths back on top (the shim opens every source before mounting anything, so they are still
+            # reachable), keeping the code the container runs visible.
+            keep.update(p for p in protected + [project_dir()] if hidden_path(posixpath.normpath(dst), [p]))
+        elif covered:
             raise VolumeError(f"{where}: mountPath {dst} would hide {covered}, which containers on the local node "
                               "share with the host (the project's Python environment runs them); mount it elsewhere")
         src = vol.path
@@ -234,4 +236,6 @@ def container_mounts(container: dict, volumes: dict[str, Volume], env: dict[str,
                 os.makedirs(src, exist_ok=True)
         mounts.append(Mount(src, posixpath.normpath(dst), vol.read_only or bool(vm.get("readOnly")),
                             os.path.isfile(src)))
-    return sorted(mounts, key=lambda m: m.dst.count("/"))
+    ordered = sorted(mounts, key=lambda m: m.dst.count("/"))
+    outermost = sorted(p for p in keep if not any(p != q and p.startswith(q.rstrip("/") + "/") for q in keep))
+    return ordered + [Mount(p, p, False, False) for p in outermost]

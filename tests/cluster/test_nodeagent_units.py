@@ -231,7 +231,7 @@ def test_a_new_pod_with_the_same_name_starts_a_fresh_log(tmp_path):
     assert log.read_text() == ""
 
 
-def test_scratch_volume_over_the_checkout_is_skipped_but_data_volumes_are_refused(tmp_path):
+def test_scratch_volume_over_the_checkout_keeps_it_visible_but_data_volumes_are_refused(tmp_path):
     import sys
 
     import pytest
@@ -240,6 +240,8 @@ def test_scratch_volume_over_the_checkout_is_skipped_but_data_volumes_are_refuse
 
     over_venv = sys.prefix.rsplit("/", 1)[0] or "/"
     c = {"name": "main", "volumeMounts": [{"name": "scratch", "mountPath": over_venv}]}
-    assert container_mounts(c, {"scratch": Volume(str(tmp_path), False, scratch=True)}, {}) == []
+    mounts = container_mounts(c, {"scratch": Volume(str(tmp_path), False, scratch=True)}, {})
+    # the scratch volume is mounted, then the covered checkout is bound back on top of it
+    assert [(m.src, m.dst) for m in mounts] == [(str(tmp_path), over_venv), (over_venv, over_venv)]
     with pytest.raises(VolumeError, match="would hide"):
         container_mounts(c, {"scratch": Volume(str(tmp_path), False, scratch=False)}, {})
