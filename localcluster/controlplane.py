@@ -408,6 +408,10 @@ class Cluster:
         if left:
             raise ClusterError(f"processes {sorted(left)} of cluster {self.state_dir} survived SIGKILL "
                                "(stuck in the kernel?); check `ps -o pid,stat,cmd -p ...`")
+        if Path(self.node_state_dir).is_dir():  # memory cgroups of pods an agent killed hard left behind
+            from .nodeagent.cgroups import remove_leftovers
+
+            remove_leftovers(self.node_state_dir)
         state["processes"] = []
         self._save(state)
         if recs:

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 
+from . import shared_cache_dir
 from .addresses import default_pod_network, parse_pod_network
 from .node import DEFAULT_NODE_NAME, parse_node_spec, parse_taint
 
@@ -31,9 +32,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="pass this variable of the agent's environment to every container (repeatable)")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="set this variable in every container, like an image's ENV (repeatable)")
-    p.add_argument("--run-as-user", action="store_true",
-                   help="honour securityContext runAsUser/runAsGroup/fsGroup/runAsNonRoot: containers drop root "
-                        "(off by default: the project's environment and HOME must then be usable by that uid)")
+    p.add_argument("--shared-cache", default=shared_cache_dir(), metavar="DIR",
+                   help="a host directory (made mode 1777) that every pod sees writable at the same path, whatever "
+                        "its user and read-only root: for build caches such as TORCH_EXTENSIONS_DIR "
+                        "(default %(default)s; '' for none)")
     p.add_argument("--log-level", default=os.environ.get("LOCALCLUSTER_LOG_LEVEL", "INFO"))
     args = p.parse_args(argv)
     try:
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     agent = Agent(Kube(args.kubeconfig), args.state_dir, args.nodes, pod_network=args.pod_network,
                   heartbeat_seconds=args.heartbeat_seconds, shutdown_grace=args.shutdown_grace_seconds,
                   default_workdir=args.default_workdir, pass_env=args.pass_env, extra_env=args.extra_env,
-                  run_as_user=args.run_as_user)
+                  shared_cache=args.shared_cache)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: agent.stop.set())
     try:

@@ -12,7 +12,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from . import pod_log_path
+from . import cgroups, pod_log_path
 from .addresses import AddressPool, GpuPool, parse_pod_network
 from .env import decode_secret
 from .kube import ApiError, Kube, Reflector, now_rfc3339, path_for
@@ -45,14 +45,13 @@ class Agent:
     def __init__(self, kube: Kube, state_dir: str, nodes: list[NodeSpec], *, pod_network: str,
                  heartbeat_seconds: float = 10.0, shutdown_grace: float = 10.0, default_workdir: str = "/",
                  pass_env: list[str] | None = None, extra_env: dict[str, str] | None = None,
-                 run_as_user: bool = False):
+                 shared_cache: str = ""):
         self.kube = kube
         self.state_dir = os.path.abspath(state_dir)
         self.nodes = nodes
         self.node_names = {n.name for n in nodes}
         self.shutdown_grace = shutdown_grace
         self.default_workdir = default_workdir
-        self.run_as_user = run_as_user
         self.base_env = base_environment(pass_env or [], extra_env or {})
         self.stop = threading.Event()
         self.lock = threading.Lock()
@@ -61,6 +60,8 @@ class Agent:
         self.finalizing: set[str] = set()
         self.addresses = AddressPool(parse_pod_network(pod_network))
         self._gpus = {n.name: GpuPool(n.gpus) for n in nodes}
+        self.cgroups, self.cgroups_how = cgroups.detect()
+        self.shared_cache = os.path.abspath(shared_cache) if shared_cache else ""
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="agent-api")
         self.node_keeper = NodeKeeper(kube, nodes, self.stop, heartbeat_seconds)
         self.provisioner = Provisioner(kube, self.state_dir, self.stop)
@@ -73,6 +74,9 @@ class Agent:
     def start(self) -> None:
         os.makedirs(os.path.join(self.state_dir, "pod-data"), exist_ok=True)
         kill_leftovers(self.state_dir)
+        if self.shared_cache:
+            os.makedirs(self.shared_cache, exist_ok=True)
+            os.chmod(self.shared_cache, 0o1777)  # like /tmp: any pod user may add to it
         deadline = time.monotonic() + 30
         while True:  # the API server may still be settling right after it reported ready
             try:
@@ -89,6 +93,12 @@ class Agent:
         self.pods.start()
         threading.Thread(target=self._sweep_after_sync, name="pod-data-sweep", daemon=True).start()
         log.info("node agent ready: nodes %s, state %s", sorted(self.node_names), self.state_dir)
+        if self.cgroups:
+            log.info("memory limits: enforced with a %s", self.cgroups_how)
+        else:
+            log.warning("memory limits: no memory cgroup (%s); limits become RLIMIT_AS address-space limits "
+                        "(not for GPU containers) and an OOM kill cannot be told from other SIGKILLs",
+                        self.cgroups_how)
 
     def run_until_stopped(self) -> None:
         self.start()
@@ -181,6 +191,10 @@ class Agent:
 
     def log_path(self, namespace: str, pod: str, container: str) -> str:
         return pod_log_path(self.state_dir, namespace, pod, container)
+
+    def container_cgroup(self, name: str, memory_limit: int | None) -> cgroups.Cgroup | None:
+        """A new memory cgroup for one container run, or None where the machine offers none."""
+        return self.cgroups.create(name, memory_limit) if self.cgroups else None
 
     def gpu_pool(self, node: str) -> GpuPool:
         return self._gpus[node]

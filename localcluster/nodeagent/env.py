@@ -139,24 +139,3 @@ def command_line(container: dict, env: dict[str, str]) -> list[str]:
             "entrypoint; set `command` explicitly")
     return argv
 
-
-def process_user(pod_spec: dict, container: dict) -> dict | None:
-    """uid/gid/groups from the securityContexts (the container's win), or None to stay root.
-
-    Images are not pulled, so an image's USER is unknown: runAsNonRoot needs an explicit runAsUser.
-    """
-    pod_sc, sc = pod_spec.get("securityContext") or {}, container.get("securityContext") or {}
-    uid = sc.get("runAsUser", pod_sc.get("runAsUser"))
-    gid = sc.get("runAsGroup", pod_sc.get("runAsGroup"))
-    non_root = sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
-    if non_root and not uid:
-        raise ContainerConfigError(
-            f"container {container.get('name')!r} has runAsNonRoot but " +
-            ("runAsUser 0" if uid == 0 else "no runAsUser; the local node agent does not pull images, so it "
-             "cannot know the image's user") + ": set securityContext.runAsUser to a non-zero uid")
-    if uid is None:
-        return None
-    groups = list(pod_sc.get("supplementalGroups") or [])
-    if pod_sc.get("fsGroup") is not None:
-        groups.append(pod_sc["fsGroup"])
-    return {"uid": int(uid), "gid": int(gid if gid is not None else uid), "groups": sorted({int(g) for g in groups})}

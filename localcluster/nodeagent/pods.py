@@ -9,22 +9,25 @@ from __future__ import annotations
 
 import calendar
 import logging
+import math
 import os
 import queue
 import shutil
 import signal
 import threading
 import time
+import uuid
 from typing import TYPE_CHECKING
 
 from .addresses import HOST_IP
-from .env import ContainerConfigError, PodContext, command_line, process_user, resolve_env
+from .env import ContainerConfigError, PodContext, command_line, resolve_env
 from .kube import STRATEGIC_PATCH, ApiError, path_for
 from .node import GPU
 from .processes import ContainerProcess
 from .quantity import parse_quantity
+from .security import container_security
 from .status import ContainerState, backoff_seconds, pod_phase, pod_status, should_restart, terminated_reason
-from .volumes import Mount, Volume, VolumeBuilder, VolumeError, container_mounts
+from .volumes import Mount, Volume, VolumeBuilder, VolumeError, container_mounts, runtime_paths
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -49,6 +52,17 @@ def gpu_count(container: dict) -> int:
     res = container.get("resources") or {}
     value = (res.get("limits") or {}).get(GPU) or (res.get("requests") or {}).get(GPU) or "0"
     return int(parse_quantity(value))
+
+
+def memory_limit(container: dict) -> int | None:
+    """resources.limits.memory in bytes (None: unlimited); a bad quantity is a CreateContainerConfigError."""
+    value = ((container.get("resources") or {}).get("limits") or {}).get("memory")
+    if value is None:
+        return None
+    try:
+        return max(1, math.ceil(parse_quantity(value)))
+    except ValueError as e:
+        raise ContainerConfigError(f"container {container.get('name')!r} resources.limits.memory: {e}") from None
 
 
 def was_started(pod: dict) -> bool:
@@ -262,7 +276,8 @@ class PodWorker:
             env.update(resolve_env(spec, self._context(), self.agent.configmap_data, self.agent.secret_data))
             argv = command_line(spec, env)
             mounts = container_mounts(spec, self.volumes or {}, env)
-            user = process_user(self.pod["spec"], spec) if self.agent.run_as_user else None
+            security = {**container_security(self.pod, spec), "expose": runtime_paths()}
+            limit = memory_limit(spec)
         except (ContainerConfigError, VolumeError, ApiError) as e:
             if (c.reason, c.message) != ("CreateContainerConfigError", str(e)):  # one event per distinct error
                 self.agent.emit(self.pod, "Failed", f"Error: {e}", warning=True, container=c.name)
@@ -270,14 +285,21 @@ class PodWorker:
             self.due[c.name] = time.monotonic() + RETRY_SETUP_SECONDS
             self.status_dirty = True
             return
+        if self.agent.shared_cache:
+            mounts.append(Mount(self.agent.shared_cache, self.agent.shared_cache, False, False))
         term_path = os.path.join(self.run_dir, f"{c.name}.termination-log")
         mounts.append(Mount(term_path, spec.get("terminationMessagePath") or DEFAULT_TERMINATION_PATH, False, True))
         log_path = self.agent.log_path(self.namespace, self.name, c.name)
         fresh_log_for_pod(log_path, self.uid)
+        cgroup = None
         try:
+            cgroup = self.agent.container_cgroup(f"{self.uid}-{c.name}-{uuid.uuid4().hex[:8]}", limit)
+            rlimit = limit if cgroup is None and not gpu_count(spec) else None  # CUDA maps huge address ranges
             proc = ContainerProcess(self.run_dir, c.name, argv, env, spec.get("workingDir") or self.agent.default_workdir,
-                                    [m.to_json() for m in mounts], log_path, user)
+                                    [m.to_json() for m in mounts], log_path, security, cgroup, rlimit)
         except OSError as e:
+            if cgroup is not None:
+                cgroup.destroy()
             c.reason, c.message = "CreateContainerError", f"could not start the container process: {e}"
             self.due[c.name] = time.monotonic() + RETRY_SETUP_SECONDS
             self.status_dirty = True
@@ -301,7 +323,7 @@ class PodWorker:
         is_init = c in self.init
         start_error = proc.start_error()
         c.state, c.exit_code, c.finished_at = "terminated", proc.returncode, time.time()
-        c.reason = terminated_reason(proc.returncode, start_error)
+        c.reason = terminated_reason(proc.returncode, start_error, proc.oom_killed)
         c.message = start_error if start_error is not None else proc.termination_message()
         policy = self.specs[c.name].get("terminationMessagePolicy", "File")
         if not c.message and proc.returncode != 0 and policy == "FallbackToLogsOnError":

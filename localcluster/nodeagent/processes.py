@@ -18,6 +18,9 @@ import threading
 import time
 from collections.abc import Callable
 
+from . import cgroups
+from .cgroups import Cgroup
+
 log = logging.getLogger(__name__)
 
 SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shim.py")
@@ -37,14 +40,22 @@ def exit_code(returncode: int) -> int:
 
 
 class ContainerProcess:
-    """One run of one container."""
+    """One run of one container.
+
+    security: the shim plan's user/capabilities/no_new_privs/read_only_root (security.container_security);
+    cgroup: the run's memory cgroup (joined before exec, removed after the exit); rlimit_as: the memory
+    limit as an address-space limit, where there are no cgroups.
+    """
 
     def __init__(self, run_dir: str, name: str, argv: list[str], env: dict[str, str], cwd: str | None,
-                 mounts: list[dict], log_path: str, user: dict | None = None):
+                 mounts: list[dict], log_path: str, security: dict | None = None, cgroup: Cgroup | None = None,
+                 rlimit_as: int | None = None):
         self.name = name
         self.termination_path = os.path.join(run_dir, f"{name}.termination-log")
         self.start_error_path = os.path.join(run_dir, f"{name}.start-error")
         self.pid_path = os.path.join(run_dir, f"{name}.pid")
+        self.cgroup, self.cgroup_path = cgroup, os.path.join(run_dir, f"{name}.cgroup")
+        self.oom_killed = False
         plan_path = os.path.join(run_dir, f"{name}.json")
         for stale in (self.termination_path, self.start_error_path):
             if os.path.exists(stale):
@@ -53,7 +64,10 @@ class ContainerProcess:
         os.chmod(self.termination_path, 0o666)  # non-root containers write their message too
         with open(plan_path, "w") as f:
             json.dump({"mounts": mounts, "cwd": cwd, "argv": argv, "start_error": self.start_error_path,
-                       "user": user}, f)
+                       **(security or {}), "cgroup": cgroup.path if cgroup else None, "rlimit_as": rlimit_as}, f)
+        if cgroup:  # lets a restarted agent (kill_leftovers) remove it
+            with open(self.cgroup_path, "w") as f:
+                f.write(f"{cgroup.path} {cgroup.version}\n")
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
         with open(log_path, "ab") as logf:
             self.log_path, self.log_offset = log_path, logf.tell()
@@ -85,10 +99,15 @@ class ContainerProcess:
             pass
         self.signal(signal.SIGKILL)
         self.returncode = exit_code(self.popen.wait())
-        try:
-            os.unlink(self.pid_path)
-        except FileNotFoundError:
-            pass
+        if self.cgroup:
+            self.oom_killed = self.cgroup.oom_kills() > 0
+            if not self.cgroup.destroy():
+                self.cgroup_path = ""  # keep its record for kill_leftovers
+        for path in (self.cgroup_path, self.pid_path):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:  # also: the pod's directory is already gone
+                pass
         on_exit(self)
 
     def termination_message(self, limit: int = 4096) -> str:
@@ -137,4 +156,5 @@ def kill_leftovers(state_dir: str) -> int:
             pass
     if killed:
         log.info("killed %d container process group(s) left by a previous agent", killed)
+    cgroups.remove_leftovers(state_dir)
     return killed

@@ -49,10 +49,13 @@ class ContainerState:
         return self.state == "terminated" and self.exit_code == 0
 
 
-def terminated_reason(exit_code: int, start_error: str | None) -> str:
+def terminated_reason(exit_code: int, start_error: str | None, oom_killed: bool = False) -> str:
+    """oom_killed: the kernel's OOM killer struck in the container's memory cgroup (the runtime's OOM event)."""
     if start_error is not None:
         return "StartError"
-    return "Completed" if exit_code == 0 else "Error"
+    if exit_code == 0:
+        return "Completed"
+    return "OOMKilled" if oom_killed else "Error"
 
 
 def should_restart(restart_policy: str, exit_code: int) -> bool:

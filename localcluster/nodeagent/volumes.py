@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import os
 import posixpath
+import stat
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,9 +32,10 @@ class Mount:
     dst: str
     read_only: bool
     is_file: bool
+    root_fs: bool = False  # a host path bound back over a volume: part of the root filesystem, not a volume
 
     def to_json(self) -> dict:
-        return {"src": self.src, "dst": self.dst, "ro": self.read_only, "file": self.is_file}
+        return {"src": self.src, "dst": self.dst, "ro": self.read_only, "file": self.is_file, "root": self.root_fs}
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,9 @@ class VolumeBuilder:
     def build(self, ctx: PodContext) -> dict[str, Volume]:
         pod = ctx.pod
         ns = pod["metadata"]["namespace"]
+        pod_sc = pod["spec"].get("securityContext") or {}
+        group = pod_sc.get("fsGroup")
+        on_root_mismatch = pod_sc.get("fsGroupChangePolicy") == "OnRootMismatch"
         volumes = {}
         for vol in pod["spec"].get("volumes") or []:
             name = vol["name"]
@@ -145,6 +150,11 @@ class VolumeBuilder:
                 path = local
                 _write_files(path, self._projection(kind, source, ns, ctx, what))
             read_only = kind in ALWAYS_READ_ONLY or bool(source.get("readOnly"))
+            if group is not None and kind != "hostPath" and not (kind == "persistentVolumeClaim" and read_only):
+                try:
+                    apply_fs_group(path, group, read_only, on_root_mismatch)
+                except OSError as e:
+                    raise VolumeError(f"{what}: could not give it to fsGroup {group}: {e}") from None
             volumes[name] = Volume(path, read_only, scratch=kind == "emptyDir")
         return volumes
 
@@ -187,10 +197,45 @@ class VolumeBuilder:
         return path
 
 
+def apply_fs_group(root: str, gid: int, read_only: bool, on_root_mismatch: bool = False) -> None:
+    """The kubelet's volume ownership for fsGroup: group gid on everything, group read (and write unless
+    read_only) added, directories searchable and setgid so new files inherit the group. Symlinks are left
+    alone. With fsGroupChangePolicy OnRootMismatch an already matching volume root skips the walk."""
+    add = 0o440 if read_only else 0o660
+
+    def fix(path: str, is_dir: bool) -> None:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            return
+        want = stat.S_IMODE(st.st_mode) | add | ((0o110 | stat.S_ISGID) if is_dir else 0)
+        if st.st_gid != gid:
+            os.lchown(path, -1, gid)  # may clear the setgid bit: set the mode afterwards
+        elif stat.S_IMODE(st.st_mode) == want:
+            return
+        os.chmod(path, want)
+
+    st = os.stat(root)
+    if on_root_mismatch and st.st_gid == gid and stat.S_IMODE(st.st_mode) & (add | 0o110 | stat.S_ISGID) \
+            == add | 0o110 | stat.S_ISGID:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        fix(root, False)
+        return
+    for top, _dirs, files in os.walk(root):  # symlinked directories are listed, never followed
+        fix(top, True)
+        for f in files:
+            fix(os.path.join(top, f), False)
+
+
 def protected_paths() -> list[str]:
     """Host paths a container's process needs (containers share the host's root filesystem here)."""
     return sorted({sys.prefix, sys.base_prefix, "/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc", "/dev",
                    "/proc", "/sys"})
+
+
+def runtime_paths() -> list[str]:
+    """What a container's process runs from: this checkout and its venv, and the venv's base interpreter."""
+    return sorted({sys.prefix, sys.base_prefix, project_dir()})
 
 
 def project_dir() -> str:
@@ -238,4 +283,4 @@ def container_mounts(container: dict, volumes: dict[str, Volume], env: dict[str,
                             os.path.isfile(src)))
     ordered = sorted(mounts, key=lambda m: m.dst.count("/"))
     outermost = sorted(p for p in keep if not any(p != q and p.startswith(q.rstrip("/") + "/") for q in keep))
-    return ordered + [Mount(p, p, False, False) for p in outermost]
+    return ordered + [Mount(p, p, False, False, root_fs=True) for p in outermost]

@@ -5,10 +5,12 @@ The last test runs a second agent (for its own tainted node) and kills and resta
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -17,7 +19,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from localcluster.nodeagent import kill_leftovers
+from localcluster.nodeagent import kill_leftovers, shared_cache_dir
 
 PY = "python"  # resolved on the container's PATH: the project's venv comes first
 
@@ -293,6 +295,118 @@ def test_deleting_the_owner_garbage_collects_its_running_pods(core, namespace):
     core.delete_namespaced_config_map("owner", namespace, propagation_policy="Background")
     wait_for("owned pod removed by the garbage collector", gone(core, namespace, "owned"), timeout=30)
     assert not pid_alive(pid)
+
+
+# -- securityContext and memory limits -------------------------------------------------------------------
+TRAINER_POD_SC = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001}
+TRAINER_CONTAINER_SC = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                        "capabilities": {"drop": ["ALL"]}}
+# Writes what the process is allowed (as JSON) to its termination message.
+PROBE = """import json, os
+status = dict(line.split(':\\t', 1) for line in open('/proc/self/status').read().splitlines() if ':\\t' in line)
+def attempt(path):
+    try:
+        open(path, 'w').write('x')
+        return 'ok'
+    except OSError as e:
+        return e.errno
+report = {'uid': os.getuid(), 'gid': os.getgid(), 'groups': sorted(os.getgroups()), 'cap_eff': status['CapEff'],
+          'no_new_privs': status['NoNewPrivs'], 'host': attempt(os.environ['HOST_DIR'] + '/f')}
+for path in os.environ.get('VOLUMES', '').split():
+    report[path] = attempt(path + '/f')
+open('/dev/termination-log', 'w').write(json.dumps(report))
+"""
+
+
+def probe_report(pod) -> dict:
+    import json
+
+    return json.loads(pod.status.container_statuses[0].state.terminated.message)
+
+
+@pytest.fixture
+def world_writable_dir():
+    """A host directory any uid may write to (only a read-only root can refuse it)."""
+    path = tempfile.mkdtemp(prefix="nodeagent-rofs-", dir="/tmp")
+    os.chmod(path, 0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_security_context_user_capabilities_and_read_only_root_are_enforced(core, namespace, world_writable_dir):
+    core.create_namespaced_persistent_volume_claim(namespace, {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "ckpt"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}})
+    # The node's shared cache (e.g. torch extensions) stays writable for any user despite the read-only root.
+    shared = os.path.join(shared_cache_dir(), f"test-{namespace}")
+    os.makedirs(shared, mode=0o777)
+    os.chmod(shared, 0o777)
+    env = [{"name": "HOST_DIR", "value": world_writable_dir}, {"name": "VOLUMES", "value": f"/scratch /ckpt {shared}"}]
+    mounts = [{"name": "scratch", "mountPath": "/scratch"}, {"name": "ckpt", "mountPath": "/ckpt"}]
+    volumes = [{"name": "scratch", "emptyDir": {}}, {"name": "ckpt", "persistentVolumeClaim": {"claimName": "ckpt"}}]
+    core.create_namespaced_pod(namespace, pod_body(
+        "hardened", container("main", PROBE, env=env, volumeMounts=mounts, securityContext=TRAINER_CONTAINER_SC),
+        volumes=volumes, securityContext=TRAINER_POD_SC))
+    # No securityContext: root with the runtime's default capabilities and a writable root, as in a container.
+    os.mkdir(os.path.join(world_writable_dir, "plain"))
+    plain_env = [{"name": "HOST_DIR", "value": os.path.join(world_writable_dir, "plain")}]
+    core.create_namespaced_pod(namespace, pod_body("plain", container("main", PROBE, env=plain_env)))
+
+    pod = wait_for("hardened pod done", phase_in(core, namespace, "hardened", "Succeeded", "Failed"))
+    assert pod.status.phase == "Succeeded", pod.status
+    got = probe_report(pod)
+    assert (got["uid"], got["gid"], got["groups"]) == (10001, 10001, [10001])
+    assert int(got["cap_eff"], 16) == 0 and got["no_new_privs"] == "1"
+    assert got["host"] == 30, got  # EROFS, though the directory is world-writable
+    assert got["/scratch"] == got["/ckpt"] == "ok", got  # fsGroup made the volumes the user's
+    assert got[shared] == "ok", got
+    shutil.rmtree(shared)
+    assert not os.path.exists(os.path.join(world_writable_dir, "f"))
+    pvc = core.read_namespaced_persistent_volume_claim("ckpt", namespace)
+    directory = core.read_persistent_volume(pvc.spec.volume_name).spec.host_path.path
+    st = os.stat(directory)
+    assert st.st_gid == 10001 and st.st_mode & 0o2070 == 0o2070  # group-writable, setgid like the kubelet's
+    assert os.stat(os.path.join(directory, "f")).st_uid == 10001
+
+    plain = probe_report(wait_for("plain pod done", phase_in(core, namespace, "plain", "Succeeded")))
+    assert plain["uid"] == 0 and int(plain["cap_eff"], 16) == 0xA80425FB and plain["host"] == "ok", plain
+
+
+def test_run_as_non_root_with_uid_0_is_refused(core, namespace):
+    sc = {**TRAINER_POD_SC, "runAsUser": 0}
+    core.create_namespaced_pod(namespace, pod_body("rooty", container("main", "print('ran')"), securityContext=sc))
+
+    def refused():
+        statuses = core.read_namespaced_pod("rooty", namespace).status.container_statuses or []
+        waiting = statuses[0].state.waiting if statuses else None
+        return waiting if waiting and waiting.reason == "CreateContainerConfigError" else None
+
+    waiting = wait_for("CreateContainerConfigError", refused)
+    assert "container has runAsNonRoot and image will run as root" in waiting.message
+    assert "runAsUser is 0" in waiting.message and "set securityContext.runAsUser" in waiting.message
+    assert core.read_namespaced_pod("rooty", namespace).status.phase == "Pending"
+    events = wait_for("the Failed event", lambda: [e for e in core.list_namespaced_event(namespace).items
+                                                   if e.involved_object.name == "rooty" and e.reason == "Failed"])
+    assert events[0].type == "Warning" and "runAsNonRoot" in events[0].message
+
+
+def test_memory_limit_oom_kill_is_reported_as_oom_killed(core, namespace):
+    from localcluster.nodeagent import cgroups
+
+    parent, why = cgroups.detect()
+    if parent is None:
+        pytest.skip(f"the machine offers no memory cgroup: {why}")
+    limits = {"limits": {"memory": "64Mi"}}
+    core.create_namespaced_pod(namespace, pod_body(
+        "hog", container("main", "b = bytearray(1 << 30); print('survived')", resources=limits)))
+    core.create_namespaced_pod(namespace, pod_body(
+        "quits", container("main", "import sys; sys.exit(1)", resources=limits)))
+    term = wait_for("hog failed", phase_in(core, namespace, "hog", "Failed")).status.container_statuses[0].state.terminated
+    assert (term.exit_code, term.reason) == (137, "OOMKilled")
+    term = wait_for("quits failed", phase_in(core, namespace, "quits", "Failed")).status.container_statuses[0].state.terminated
+    assert (term.exit_code, term.reason) == (1, "Error")  # under a memory limit, a plain failure is still Error
+    uids = {core.read_namespaced_pod(n, namespace).metadata.uid for n in ("hog", "quits")}
+    assert not [d for d in os.listdir(parent.path) if any(u in d for u in uids)]  # each run's cgroup removed
 
 
 # -- a second agent, restarted --------------------------------------------------------------------------

@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 
 from localcluster.nodeagent.addresses import AddressPool, default_pod_network, parse_pod_network
-from localcluster.nodeagent.env import ContainerConfigError, PodContext, command_line, expand, process_user, resolve_env
+from localcluster.nodeagent.env import ContainerConfigError, PodContext, command_line, expand, resolve_env
 from localcluster.nodeagent.node import GPU, node_conditions, parse_node_spec, parse_taint, without_not_ready_taints
 from localcluster.nodeagent.processes import SHIM
 from localcluster.nodeagent.quantity import parse_quantity
-from localcluster.nodeagent.status import ContainerState, backoff_seconds, pod_phase
+from localcluster.nodeagent.security import capability_set, container_security, process_user
+from localcluster.nodeagent.status import ContainerState, backoff_seconds, pod_phase, terminated_reason
 from localcluster.nodeagent.storage import pv_object, wants_provisioning
 from localcluster.nodeagent.volumes import Volume, VolumeError, container_mounts
 
@@ -199,12 +203,86 @@ def test_shim_mounts_privately_and_read_only(tmp_path):
 
 
 def test_process_user_from_security_context():
-    pod_spec = {"securityContext": {"runAsUser": 1000, "fsGroup": 2000, "supplementalGroups": [3000]}}
+    pod_spec = {"securityContext": {"runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 2000,
+                                    "supplementalGroups": [3000]}}
     assert process_user(pod_spec, {"name": "c"}) == {"uid": 1000, "gid": 1000, "groups": [2000, 3000]}
     assert process_user(pod_spec, {"name": "c", "securityContext": {"runAsUser": 7, "runAsGroup": 8}})["gid"] == 8
+    # without runAsGroup: the user's group in the (host's) passwd, else 0, as a runtime does
+    assert process_user({"securityContext": {"runAsUser": 54321}}, {"name": "c"})["gid"] == 0
     assert process_user({}, {"name": "c"}) is None
-    with pytest.raises(ContainerConfigError, match="runAsNonRoot but no runAsUser"):
+    with pytest.raises(ContainerConfigError, match="runAsNonRoot and image will run as root.*no runAsUser"):
         process_user({"securityContext": {"runAsNonRoot": True}}, {"name": "c"})
+    with pytest.raises(ContainerConfigError, match="runAsNonRoot and image will run as root.*runAsUser is 0"):
+        process_user({"securityContext": {"runAsNonRoot": True}}, {"name": "c", "securityContext": {"runAsUser": 0}})
+    # the container's value wins, even a false runAsNonRoot over the pod's true
+    assert process_user({"securityContext": {"runAsNonRoot": True}},
+                        {"name": "c", "securityContext": {"runAsNonRoot": False}}) is None
+
+
+DEFAULT_CAP_MASK = 0xA80425FB  # CapEff of a Docker/containerd container that asks for nothing
+
+
+def test_capabilities_start_from_the_runtime_default_then_drop_and_add():
+    def mask(sc):
+        return sum(1 << c for c in capability_set({"name": "c", "securityContext": sc}))
+
+    assert mask({}) == DEFAULT_CAP_MASK
+    assert mask({"capabilities": {"drop": ["ALL"]}}) == 0
+    assert mask({"capabilities": {"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]}}) == 1 << 10
+    assert mask({"capabilities": {"drop": ["CAP_KILL"], "add": ["sys_ptrace"]}}) == DEFAULT_CAP_MASK - (1 << 5) + (1 << 19)
+    assert mask({"privileged": True, "capabilities": {"drop": ["ALL"]}}) == (1 << 41) - 1
+    with pytest.raises(ContainerConfigError, match="unknown capability 'NET_SUPERPOWER'"):
+        mask({"capabilities": {"add": ["NET_SUPERPOWER"]}})
+
+
+def test_container_security_of_a_trainer_pod():
+    pod = {"metadata": {"namespace": "ns", "name": "p"},
+           "spec": {"securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
+                                        "fsGroup": 10001}}}
+    c = {"name": "trainer", "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                                "capabilities": {"drop": ["ALL"]}}}
+    assert container_security(pod, c) == {"user": {"uid": 10001, "gid": 10001, "groups": [10001]},
+                                          "capabilities": [], "no_new_privs": True, "read_only_root": True}
+    bare = container_security({"metadata": {}, "spec": {}}, {"name": "c"})  # root, like a container by default
+    assert bare["user"] is None and not bare["no_new_privs"] and not bare["read_only_root"]
+    with pytest.raises(ContainerConfigError, match="allowPrivilegeEscalation"):
+        container_security(pod, {"name": "c", "securityContext": {"privileged": True, "allowPrivilegeEscalation": False}})
+
+
+def test_oom_kill_is_reported_only_for_a_failed_run():
+    assert terminated_reason(137, None, oom_killed=True) == "OOMKilled"
+    assert terminated_reason(137, None) == "Error"  # a plain SIGKILL
+    assert terminated_reason(1, None) == "Error"
+    assert terminated_reason(0, None, oom_killed=True) == "Completed"
+    assert terminated_reason(128, "exec failed", oom_killed=True) == "StartError"
+
+
+def test_memory_limit_in_bytes():
+    from localcluster.nodeagent.pods import memory_limit
+
+    assert memory_limit({"name": "c", "resources": {"limits": {"memory": "64Mi"}}}) == 64 * 2**20
+    assert memory_limit({"name": "c", "resources": {"requests": {"memory": "64Mi"}}}) is None
+    with pytest.raises(ContainerConfigError, match="limits.memory"):
+        memory_limit({"name": "c", "resources": {"limits": {"memory": "lots"}}})
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing owners needs root")
+def test_fs_group_makes_a_volume_group_writable_and_setgid(tmp_path):
+    import stat
+
+    from localcluster.nodeagent.volumes import apply_fs_group
+
+    (tmp_path / "sub").mkdir(mode=0o700)
+    (tmp_path / "sub" / "f").write_text("x")
+    os.chmod(tmp_path / "sub" / "f", 0o600)
+    (tmp_path / "link").symlink_to("/etc/passwd")
+    apply_fs_group(str(tmp_path), 4242, read_only=False)
+    for path, is_dir in ((tmp_path, True), (tmp_path / "sub", True), (tmp_path / "sub" / "f", False)):
+        st = os.stat(path)
+        assert st.st_gid == 4242, path
+        assert stat.S_IMODE(st.st_mode) & 0o060 == 0o060, path
+        assert bool(st.st_mode & stat.S_ISGID) == is_dir, path
+    assert os.stat("/etc/passwd").st_gid == 0  # a symlink's target is never touched
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="changing users needs root")
@@ -245,3 +323,80 @@ def test_scratch_volume_over_the_checkout_keeps_it_visible_but_data_volumes_are_
     assert [(m.src, m.dst) for m in mounts] == [(str(tmp_path), over_venv), (over_venv, over_venv)]
     with pytest.raises(VolumeError, match="would hide"):
         container_mounts(c, {"scratch": Volume(str(tmp_path), False, scratch=False)}, {})
+
+
+def _run_shim(tmp_path, plan: dict) -> subprocess.CompletedProcess:
+    plan = {"mounts": [], "cwd": "/", "start_error": str(tmp_path / "err"), **plan}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    return subprocess.run([sys.executable, "-I", "-S", SHIM, str(tmp_path / "plan.json")], capture_output=True,
+                          text=True, timeout=60)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the shim needs root, as the agent does")
+def test_shim_enforces_user_capabilities_no_new_privs_and_read_only_root(tmp_path):
+    from localcluster.nodeagent.volumes import runtime_paths
+
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    os.chmod(volume, 0o777)
+    # A directory any uid may write to, reachable by any uid (pytest's tmp_path is not): only a read-only
+    # mount can refuse the write.
+    host_dir = Path(tempfile.mkdtemp(prefix="shim-rofs-", dir="/tmp"))
+    os.chmod(host_dir, 0o777)
+    try:
+        _check_enforced(tmp_path, volume, host_dir, runtime_paths())
+    finally:
+        shutil.rmtree(host_dir)
+
+
+def _check_enforced(tmp_path, volume, host_dir, expose):
+    script = ("import json, os, sys\n"
+              "status = dict(l.split(':\\t') for l in open('/proc/self/status').read().splitlines() if ':\\t' in l)\n"
+              "def attempt(path):\n"
+              "    try:\n"
+              "        open(path, 'w').write('x')\n"
+              "        return 'ok'\n"
+              "    except OSError as e:\n"
+              "        return e.errno\n"
+              f"print(json.dumps({{'uid': os.getuid(), 'gid': os.getgid(), 'groups': os.getgroups(),\n"
+              "    'cap_eff': status['CapEff'], 'cap_bnd': status['CapBnd'], 'nnp': status['NoNewPrivs'],\n"
+              f"    'host': attempt('{host_dir}/f'), 'volume': attempt('{host_dir}/vol/f')}}))\n")
+    plan = {"mounts": [{"src": str(volume), "dst": f"{host_dir}/vol", "ro": False, "file": False}],
+            "argv": [sys.executable, "-c", script], "user": {"uid": 10001, "gid": 10001, "groups": [10001]},
+            "capabilities": [], "no_new_privs": True, "read_only_root": True, "expose": expose}
+    run = _run_shim(tmp_path, plan)
+    assert run.returncode == 0, run.stderr
+    got = json.loads(run.stdout)
+    assert (got["uid"], got["gid"], got["groups"]) == (10001, 10001, [10001])
+    assert int(got["cap_eff"], 16) == 0 and int(got["cap_bnd"], 16) == 0 and got["nnp"] == "1"
+    assert got["host"] == 30  # EROFS: the root filesystem is read-only, though the directory is 0777
+    assert got["volume"] == "ok" and (volume / "f").read_text() == "x"
+    assert not (host_dir / "f").exists()
+
+    # uid 0 without a securityContext: the runtime's default capabilities, a writable root
+    plan.update(user=None, capabilities=capability_set({"name": "c"}), no_new_privs=False, read_only_root=False)
+    run = _run_shim(tmp_path, plan)
+    got = json.loads(run.stdout)
+    assert got["uid"] == 0 and int(got["cap_eff"], 16) == DEFAULT_CAP_MASK and got["host"] == "ok", run.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the shim needs root, as the agent does")
+def test_shim_joins_a_memory_cgroup_whose_limit_oom_kills(tmp_path):
+    from localcluster.nodeagent import cgroups
+
+    parent, why = cgroups.detect()
+    if parent is None:
+        pytest.skip(f"no memory cgroup here: {why}")
+    group = parent.create(f"unit-{os.getpid()}", 64 * 2**20)
+    try:
+        run = _run_shim(tmp_path, {"argv": [sys.executable, "-c", "b = bytearray(1 << 30)"], "cgroup": group.path})
+        assert run.returncode == -9 and group.oom_kills() == 1, run.stderr
+    finally:
+        assert group.destroy()
+    assert not os.path.exists(group.path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the shim needs root, as the agent does")
+def test_shim_falls_back_to_an_address_space_limit(tmp_path):
+    run = _run_shim(tmp_path, {"argv": [sys.executable, "-c", "b = bytearray(1 << 30)"], "rlimit_as": 512 * 2**20})
+    assert run.returncode == 1 and "MemoryError" in run.stderr, run.stderr
