@@ -65,6 +65,18 @@ def test_bad_data_exits_3_before_any_model_is_loaded(tmp_path, base, term_log):
     assert "has no rows" in term_log.read_text()
 
 
+def test_data_that_is_not_utf8_exits_3_naming_file_and_offset(tmp_path, base, term_log):
+    utf16 = tmp_path / "pairs-utf16.jsonl"
+    utf16.write_text(open(base["dataset"]["path"]).read(), encoding="utf-16")
+    assert run_cli(tmp_path, "reward", {**base, "dataset": {"path": str(utf16)}}) == c.EXIT_DATA_ERROR
+    assert term_log.read_text().startswith(f"data error: {utf16}:1: byte offset 0: a UTF-16 byte-order mark")
+    latin1 = tmp_path / "pairs-latin1.jsonl"
+    latin1.write_bytes(b'{"prompt": "caf\xe9", "chosen": "c", "rejected": "r"}\n')
+    assert run_cli(tmp_path, "reward", {**base, "dataset": {"path": str(latin1)}}) == c.EXIT_DATA_ERROR
+    assert term_log.read_text() == (f"data error: {latin1}:1: byte offset 15: byte 0xe9 is not UTF-8 (invalid "
+                                    "continuation byte); expected UTF-8 JSON lines")
+
+
 def test_unreadable_model_path_exits_4(tmp_path, base, term_log):
     missing = tmp_path / "no-such-model"
     assert run_cli(tmp_path, "reward", {**base, "model": {"path": str(missing)}}) == c.EXIT_MODEL_ERROR

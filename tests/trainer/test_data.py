@@ -191,6 +191,47 @@ def test_empty_small_missing_and_wrong_format_datasets_fail(tmp_path):
         load_sft_splits(ds(odd))
 
 
+def test_files_that_are_not_utf8_json_lines_name_file_offset_and_line(tmp_path):
+    rows = [json.dumps(r) + "\n" for r in sentiment_pairs(5)]
+    utf16 = tmp_path / "utf16.jsonl"
+    utf16.write_text("".join(rows), encoding="utf-16")  # with a byte-order mark, as Windows tools write it
+    with pytest.raises(DataError) as e:
+        load_preference_splits(ds(utf16, eval_fraction=0))
+    assert str(e.value).startswith(f"{utf16}:1: byte offset 0: a UTF-16 byte-order mark, so the file is UTF-16; "
+                                   "expected UTF-8 JSON lines; convert it, e.g. iconv -f UTF-16 -t UTF-8")
+    utf32 = tmp_path / "utf32.json"
+    utf32.write_text("[" + ", ".join(rows) + "]", encoding="utf-32")
+    with pytest.raises(DataError, match=rf"{utf32}:1: byte offset 0: a UTF-32 byte-order mark"):
+        load_preference_splits(ds(utf32, eval_fraction=0))
+    no_bom = tmp_path / "no-bom.jsonl"
+    no_bom.write_bytes("".join(rows).encode("utf-16-le"))
+    with pytest.raises(DataError, match=rf"{no_bom}:1: byte offset 1: a NUL byte .*; expected UTF-8 JSON lines"):
+        load_preference_splits(ds(no_bom, eval_fraction=0))
+
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(b"\x1f\x8b\x08\x00" + bytes(range(256)))  # e.g. a gzip file named .jsonl
+    with pytest.raises(DataError, match=rf"{binary}:1: byte offset 1: byte 0x8b is not UTF-8 .*; expected UTF-8 JSON "
+                                        "lines"):
+        load_preference_splits(ds(binary, eval_fraction=0))
+
+    one_bad_byte = tmp_path / "one-bad-byte.jsonl"
+    data = "".join(rows).encode()
+    at = len("".join(rows[:2]).encode()) + 20  # inside line 3
+    one_bad_byte.write_bytes(data[:at] + b"\xff" + data[at + 1:])
+    with pytest.raises(DataError) as e:
+        load_preference_splits(ds(one_bad_byte, eval_fraction=0))
+    assert str(e.value) == (f"{one_bad_byte}:3: byte offset {at}: byte 0xff is not UTF-8 (invalid start byte); "
+                            "expected UTF-8 JSON lines")
+    as_array = tmp_path / "array.json"
+    as_array.write_bytes(b"[\n" + b",\n".join(r.strip().encode() for r in rows[:2]) + b",\n{\"prompt\": \"\xe9\"}]")
+    with pytest.raises(DataError, match=rf"{as_array}:4: byte offset \d+: byte 0xe9 is not UTF-8 .*; expected UTF-8 JSON$"):
+        load_preference_splits(ds(as_array, eval_fraction=0))
+    # A UTF-8 byte-order mark is fine.
+    bom8 = tmp_path / "bom8.jsonl"
+    bom8.write_bytes(b"\xef\xbb\xbf" + data)
+    assert len(load_preference_splits(ds(bom8, eval_fraction=0)).train) == 5
+
+
 # --- split ---------------------------------------------------------------------------------------
 
 def test_split_is_fixed_by_seed_disjoint_and_sized():

@@ -87,7 +87,7 @@ def test_sigterm_checkpoints_exits_143_and_the_next_start_resumes(tmp_path, mini
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         for line in proc.stdout:  # wait until training is under way
-            if line.startswith("{") and json.loads(line)["step"] >= 3:
+            if line.startswith("{") and json.loads(line).get("step", 0) >= 3:  # step lines, not the resume line
                 break
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)

@@ -176,8 +176,11 @@ def test_ppo_resume_is_exact_with_deepspeed(world, tmp_path, monkeypatch, capsys
     assert (tmp_path / "resumed" / "checkpoints" / "latest").read_text().strip() == "step-00000003"
     monkeypatch.delenv("RLHF_STOP_AT_STEP")
     resumed = ppo.run(cfg("resumed"))
-    second = logged_steps(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    second = logged_steps(out)
     assert [r["step"] for r in second] == [4, 5, 6] and resumed["resumed_from"] == 3
+    assert '"resumedFromStep": 3, "message": "resumed from checkpoint step 3"' in out
+    assert straight["resumed_from"] == -1
 
     a = load_file(str(Path(straight["final_dir"]) / "model.safetensors"))
     b = load_file(str(Path(resumed["final_dir"]) / "model.safetensors"))

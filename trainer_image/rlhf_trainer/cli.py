@@ -1,8 +1,9 @@
 """Command line: ``python -m rlhf_trainer {sft,reward,ppo} --config FILE`` (or ``$RLHF_CONFIG``).
 
 Exit codes (``contract``): 0 done, 2 bad config, 3 bad data, 4 unreadable model, 5 NaN/Inf loss,
-143 stopped by SIGTERM after writing a checkpoint. The reason of a failure is printed and also
-written to the container's termination message (``$RLHF_TERMINATION_LOG``).
+7 a checkpoint changed after it was written, 143 stopped by SIGTERM after writing a checkpoint. The
+reason of a failure is printed and also written to the container's termination message
+(``$RLHF_TERMINATION_LOG``); a success message carries the final progress (incl. ``resumedFromStep``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from .runtime.failure import Preempted, TrainerError, fail, write_termination_me
 STAGE_MODULES = {"sft": "rlhf_trainer.sft", "reward": "rlhf_trainer.reward", "ppo": "rlhf_trainer.ppo"}
 
 
-_KIND = {"DataError": "data error", "ModelError": "model error", "NumericError": "numeric error"}
+_KIND = {"DataError": "data error", "ModelError": "model error", "NumericError": "numeric error",
+         "CheckpointError": "checkpoint error"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -37,10 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run_stage(cfg: TrainerConfig) -> dict:
-    if cfg.training.threads > 0:
-        import torch
+    from .runtime import threads
 
-        torch.set_num_threads(cfg.training.threads)
+    print(f"rlhf-trainer: {threads.apply(cfg.training.threads)}", file=sys.stderr, flush=True)
     return importlib.import_module(STAGE_MODULES[cfg.stage]).run(cfg)
 
 
@@ -65,6 +66,9 @@ def final_metrics_message(result: dict, checkpoint_step: int | None = None) -> s
         values[contract.M_TOTAL_STEPS] = step
     if checkpoint_step is not None:
         values[contract.M_LAST_CHECKPOINT_STEP] = checkpoint_step
+    resumed = result.get("resumed_from")
+    if isinstance(resumed, int) and not isinstance(resumed, bool):
+        values[contract.M_RESUMED_FROM_STEP] = resumed
     return json.dumps(values, sort_keys=True)
 
 

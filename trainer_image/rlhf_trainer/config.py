@@ -97,7 +97,8 @@ class TrainingConfig:
     seed: int = _help("Random seed for model init, shuffling and sampling.", default=42)
     log_every: int = _help("Log metrics every N steps.", default=1)
     eval_every: int = _help("Evaluate every N steps (0 = only at the end).", default=0)
-    threads: int = _help("torch CPU threads (0 = torch default).", default=0)
+    threads: int = _help("torch CPU threads (0 = as many as the pod requests CPUs, spec.resources.cpu; "
+                         "without a request, the CPU limit or torch's default).", default=0)
 
 
 @dataclass

@@ -12,6 +12,7 @@ ENV_JOB_KIND = "RLHF_JOB_KIND"
 ENV_POD_NAME = "POD_NAME"
 ENV_POD_IP = "POD_IP"
 ENV_TERMINATION_LOG = "RLHF_TERMINATION_LOG"  # default /dev/termination-log
+ENV_CPU_REQUEST = "RLHF_CPU_REQUEST"  # spec.resources.cpu rounded up (downward API); sets torch threads
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 
 # Metric labels: low cardinality only.
@@ -29,6 +30,7 @@ M_TOKENS_PER_SECOND = "rlhf_trainer_tokens_per_second"
 M_SAMPLES_TOTAL = "rlhf_trainer_samples_total"  # counter
 M_TOKENS_TOTAL = "rlhf_trainer_tokens_total"  # counter
 M_CHECKPOINT_SECONDS = "rlhf_trainer_checkpoint_duration_seconds"  # histogram
+M_RESUMED_FROM_STEP = "rlhf_trainer_resumed_from_step"  # checkpoint step restored at start, -1 when started fresh
 
 # Reward-model gauges (split label: train|eval would add cardinality 2; we use separate names).
 M_RM_ACCURACY = "rlhf_reward_accuracy"
@@ -62,6 +64,7 @@ PROGRESS_FIELDS = {
     "reward": M_PPO_REWARD_MEAN,
     "kl": M_PPO_KL,
     "checkpointStep": M_LAST_CHECKPOINT_STEP,
+    "resumedFromStep": M_RESUMED_FROM_STEP,
 }
 
 # Exit codes of the trainer CLI.
@@ -70,6 +73,7 @@ EXIT_CONFIG_ERROR = 2  # bad config: retrying will not help
 EXIT_DATA_ERROR = 3  # bad or missing dataset
 EXIT_MODEL_ERROR = 4  # unreadable model path
 EXIT_NUMERIC_ERROR = 5  # NaN/Inf loss
+EXIT_CHECKPOINT_ERROR = 7  # a checkpoint's files do not match their digests: changed after it was written
 EXIT_PREEMPTED = 143  # SIGTERM: checkpoint written, resume later
 # Exit codes after which the operator must not retry (the input is wrong, not the machine).
-PERMANENT_EXIT_CODES = (EXIT_CONFIG_ERROR, EXIT_DATA_ERROR, EXIT_MODEL_ERROR)
+PERMANENT_EXIT_CODES = (EXIT_CONFIG_ERROR, EXIT_DATA_ERROR, EXIT_MODEL_ERROR, EXIT_CHECKPOINT_ERROR)

@@ -69,7 +69,7 @@ def load_tokenizer(model_cfg: ModelConfig):
 
     src = _source(model_cfg, "tokenizer")
     try:
-        tok = AutoTokenizer.from_pretrained(src, local_files_only=Path(src).exists())
+        tok = AutoTokenizer.from_pretrained(src, local_files_only=Path(src).exists(), trust_remote_code=False)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError... for unusable dirs
         raise ModelError(f"cannot load a tokenizer from {src}: {e}") from e
     return prepare_tokenizer(tok)
@@ -106,7 +106,10 @@ def _load(auto_cls, model_cfg: ModelConfig, tokenizer, **kwargs):
     else:
         src = _source(model_cfg)
         try:
-            model = auto_cls.from_pretrained(src, dtype=torch.float32, local_files_only=Path(src).exists(), **kwargs)
+            # Model code and weights from a claim or the hub are data: never run their Python files, never
+            # unpickle a pytorch_model.bin beyond tensors (safetensors are preferred when both exist).
+            model = auto_cls.from_pretrained(src, dtype=torch.float32, local_files_only=Path(src).exists(),
+                                             trust_remote_code=False, weights_only=True, **kwargs)
         except Exception as e:
             raise ModelError(f"cannot load a model from {src} ({auto_cls.__name__}): {e}") from e
     _fit_vocab(model, tokenizer)

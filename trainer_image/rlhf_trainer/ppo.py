@@ -319,12 +319,14 @@ def save_checkpoint(ckpt: CheckpointManager, strategy: Strategy, trainer: PPOTra
 
 
 def resume_state(cfg: TrainerConfig, strategy: Strategy, trainer: PPOTrainer, ckpt: CheckpointManager,
-                 plan: dict[str, Any]) -> dict[str, Any] | None:
-    """Restore actor, critic (with optimizers, schedulers, RNG) and the loop state of the newest checkpoint."""
+                 plan: dict[str, Any], metrics: TrainerMetrics) -> dict[str, Any] | None:
+    """Restore actor, critic (with optimizers, schedulers, RNG) and the loop state of the newest checkpoint
+    (after checking its digests)."""
     latest = ckpt.latest() if cfg.checkpoint.resume else None
     if latest is None:
+        metrics.report_resume(None, reason="checkpoint.resume is false" if not cfg.checkpoint.resume else "")
         return None
-    meta = ckpt.read_meta(latest)
+    meta = ckpt.verify_for_resume(latest)
     if meta.get("stage") != "ppo":
         raise ConfigError(
             f"checkpoint.dir {cfg.checkpoint.dir} holds a {meta.get('stage')} checkpoint ({latest.name}) but this "
@@ -340,6 +342,7 @@ def resume_state(cfg: TrainerConfig, strategy: Strategy, trainer: PPOTrainer, ck
     saved = json.loads((latest / STATE_FILE).read_text())
     trainer.kl_ctl.load_state_dict(saved.pop("kl_controller"))
     log(f"resumed from {latest} at iteration {saved['iteration']}")
+    metrics.report_resume(int(saved["iteration"]), latest)
     return saved
 
 
@@ -396,7 +399,7 @@ def _run(cfg: TrainerConfig, strategy: Strategy, metrics: TrainerMetrics, stop: 
 
     ckpt = CheckpointManager.from_config(cfg, dist=strategy)
     state: dict[str, Any] = {"iteration": 0, "prompt_position": 0, "initial_reward_mean": None, "last_metrics": {}}
-    resumed = resume_state(cfg, strategy, trainer, ckpt, plan)
+    resumed = resume_state(cfg, strategy, trainer, ckpt, plan, metrics)
     state.update(resumed or {})
     start = iteration = int(state["iteration"])
     last_saved = iteration if resumed else None
@@ -438,7 +441,8 @@ def _run(cfg: TrainerConfig, strategy: Strategy, metrics: TrainerMetrics, stop: 
     if strategy.is_main:
         log(f"done: {iteration} iterations; mean reward {summary['initial_reward_mean']} -> "
             f"{summary['final_reward_mean']}, KL {summary['final_kl']}; final model at {final}")
-    return {"step": iteration, "metrics": last, **summary, "final_dir": str(final), "resumed_from": start or None}
+    return {"step": iteration, "metrics": last, **summary, "final_dir": str(final),
+            "resumed_from": start if resumed else -1}  # -1: started fresh
 
 
 def run_iteration(trainer: PPOTrainer, records: list[Record], schedule: PromptSchedule, iteration: int) -> dict[str, float]:

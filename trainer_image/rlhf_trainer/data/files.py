@@ -1,11 +1,14 @@
 """Reading rows from JSONL, JSON, Parquet, `datasets` save_to_disk directories (or a hub id).
 
 Every row comes with a human location (``file:line`` for JSONL, ``file: item N`` for JSON,
-``file: row N`` otherwise) so that a malformed row can be named exactly in the error.
+``file: row N`` otherwise) so that a malformed row can be named exactly in the error. Text files must
+be UTF-8 (a UTF-8 byte-order mark is skipped); any other encoding or binary content is a DataError
+naming the file, the byte offset and the line.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +20,36 @@ HF_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 FILE_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
 
 Row = tuple[str, Any]  # (location, row)
+
+# UTF-32 first: its little-endian mark starts with UTF-16's.
+_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+         (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
+JSONL_TEXT = "UTF-8 JSON lines"
+
+
+def _strip_bom(path: Path, head: bytes, expected: str) -> bytes:
+    """``head`` without a UTF-8 byte-order mark; a UTF-16/32 mark is a DataError saying how to convert."""
+    for bom, encoding in _BOMS:
+        if head.startswith(bom):
+            raise DataError(f"{path}:1: byte offset 0: a {encoding} byte-order mark, so the file is {encoding}; "
+                            f"expected {expected}; convert it, e.g. iconv -f {encoding} -t UTF-8 {path.name} > "
+                            f"{path.stem}.utf8{path.suffix}")
+    return head[len(codecs.BOM_UTF8):] if head.startswith(codecs.BOM_UTF8) else head
+
+
+def _decode(path: Path, data: bytes, offset: int, lineno: int, expected: str) -> str:
+    """``data`` (starting at byte ``offset`` of the file, on line ``lineno``) as UTF-8; a byte that is
+    not UTF-8, or a NUL (UTF-16 without a byte-order mark, binary data), is a DataError naming where."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad, why = e.start, f"byte 0x{data[e.start]:02x} is not UTF-8 ({e.reason})"
+    else:
+        if "\0" not in text:
+            return text
+        bad, why = data.index(b"\0"), "a NUL byte (UTF-16/UTF-32 text or binary data?)"
+    line = lineno + data.count(b"\n", 0, bad)
+    raise DataError(f"{path}:{line}: byte offset {offset + bad}: {why}; expected {expected}")
 
 
 def detect_file_format(path: Path) -> str:
@@ -30,16 +63,22 @@ def detect_file_format(path: Path) -> str:
             f"use .jsonl, .json or .parquet, or set dataset.file_format"
         )
     if fmt == "json":  # many '.json' files are really JSON lines
-        with open(path, encoding="utf-8") as f:
-            head = f.read(4096).lstrip()
-        if not head.startswith("["):
+        with open(path, "rb") as f:
+            head = _strip_bom(path, f.read(4096), "UTF-8 JSON").lstrip()
+        if not head.startswith(b"["):
             fmt = "jsonl"
     return fmt
 
 
 def _read_jsonl(path: Path) -> Iterator[Row]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        offset = 0
+        for lineno, raw in enumerate(f, 1):
+            start, offset = offset, offset + len(raw)
+            if lineno == 1:
+                raw = _strip_bom(path, raw, JSONL_TEXT)
+                start = offset - len(raw)
+            line = _decode(path, raw, start, lineno, JSONL_TEXT)
             if not line.strip():
                 continue
             try:
@@ -50,8 +89,10 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
 
 
 def _read_json(path: Path) -> Iterator[Row]:
+    raw = path.read_bytes()
+    body = _strip_bom(path, raw, "UTF-8 JSON")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_decode(path, body, len(raw) - len(body), 1, "UTF-8 JSON"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
     if not isinstance(data, list):

@@ -13,20 +13,28 @@ the pointer is missing or names something absent, ``latest()`` falls back to the
 
 With several processes (torchrun), every process calls ``save``: all write into the same temp
 directory (DeepSpeed writes one shard per rank), the main process renames and updates the pointer.
+
+``meta.json`` lists the sha256 of every file the checkpoint holds. ``verify`` checks them before a
+resume reads anything, so a file planted, removed or changed after the save is refused
+(:class:`CheckpointError`, exit 7) instead of being loaded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import stat
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from ..config import CHECKPOINTS_SUBDIR, LATEST_POINTER
+from .failure import CheckpointError
 
 META_FILE = "meta.json"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
@@ -50,6 +58,36 @@ def fsync_tree(root: Path) -> None:
         for name in filenames:
             _fsync_path(Path(dirpath) / name)
         _fsync_path(Path(dirpath))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _entries(root: Path) -> dict[str, Path]:
+    """Every entry below ``root`` that is not a directory, by relative path (symlinks are not followed)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*filenames, *(d for d in dirnames if os.path.islink(os.path.join(dirpath, d)))]:
+            path = Path(dirpath) / name
+            out[path.relative_to(root).as_posix()] = path
+    return out
+
+
+def _hash_files(files: dict[str, Path]) -> dict[str, str]:
+    """sha256 of each file, in parallel (hashlib releases the GIL): a large model's shards take minutes
+    one after another."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return dict(zip(files, pool.map(_sha256, files.values()), strict=True))
+
+
+def file_digests(root: Path) -> dict[str, str]:
+    """sha256 of every file below ``root`` (``meta.json`` excluded), by relative path."""
+    return _hash_files({rel: path for rel, path in sorted(_entries(root).items()) if rel != META_FILE})
 
 
 def write_file_atomic(path: Path, text: str) -> None:
@@ -84,6 +122,10 @@ class _Coordinator:
             return bool(self.dist.is_main)
         td = self._torch_dist()
         return td is None or td.get_rank() == 0
+
+    def any_true(self, flag: bool) -> bool:
+        """True when ``flag`` is true on any process (needs ``dist``; without it, this process's flag)."""
+        return bool(self.dist.any_true(flag)) if self.dist is not None else flag
 
     def barrier(self) -> None:
         if self.dist is not None:
@@ -151,6 +193,61 @@ class CheckpointManager:
     def read_meta(path: str | Path) -> dict[str, Any]:
         return json.loads((Path(path) / META_FILE).read_text())
 
+    @staticmethod
+    def verify(path: str | Path) -> dict[str, Any]:
+        """Check that ``path`` holds exactly the files of its manifest, byte for byte; returns the meta.
+
+        Raises CheckpointError naming the checkpoint and the first file that is missing, unexpected,
+        not a regular file or changed. Nothing of the checkpoint is deserialised before this passes.
+        """
+        path = Path(path)
+        meta = CheckpointManager.read_meta(path)
+        expected = meta.get("files") if isinstance(meta, dict) else None
+        fix = "delete it or restore it"
+        if not isinstance(expected, dict):
+            raise CheckpointError(f"checkpoint {path}: {META_FILE} lists no file digests (written by an older trainer "
+                                  f"or edited), so its files cannot be trusted; {fix}")
+        found = {rel: p for rel, p in _entries(path).items() if rel != META_FILE}
+        extra = sorted(found.keys() - expected.keys())
+        if extra:
+            raise CheckpointError(f"checkpoint {path}: file {extra[0]} is not in the manifest ({META_FILE}); it was "
+                                  f"added after the checkpoint was written: {fix}")
+        for rel in sorted(expected):
+            if rel not in found:
+                raise CheckpointError(f"checkpoint {path}: file {rel} listed in the manifest ({META_FILE}) is missing; "
+                                      f"the checkpoint was changed after it was written: {fix}")
+            if not stat.S_ISREG(os.lstat(found[rel]).st_mode):
+                raise CheckpointError(f"checkpoint {path}: {rel} is not a regular file (a symlink or device); "
+                                      f"the checkpoint was changed after it was written: {fix}")
+        digests = _hash_files({rel: found[rel] for rel in sorted(expected)})
+        for rel, digest in digests.items():
+            if digest != expected[rel]:
+                raise CheckpointError(f"checkpoint {path}: file {rel} does not match its digest in the manifest "
+                                      f"(sha256 {digest}, manifest {expected[rel]}); the checkpoint was changed after "
+                                      f"it was written: {fix}")
+        return meta
+
+    def verify_for_resume(self, path: str | Path) -> dict[str, Any]:
+        """:meth:`verify` on the main process (each file hashed once, not once per process), the outcome
+        shared with all; on a failure every process verifies too, so all report the same file."""
+        if self._coord.dist is None:
+            return self.verify(path)
+        error = None
+        if self._coord.is_main:
+            try:
+                self.verify(path)
+            except CheckpointError as e:
+                error = e
+        if self._coord.any_true(error is not None):
+            if error is None:
+                try:
+                    self.verify(path)
+                except CheckpointError as e:
+                    error = e
+            raise error or CheckpointError(f"checkpoint {path}: the main process found files that do not match the "
+                                           f"manifest ({META_FILE}); see its log: delete it or restore it")
+        return self.read_meta(path)
+
     # --- writing ---------------------------------------------------------------------------------
 
     def save(self, step: int, write_fn: Callable[[Path], None], meta: dict[str, Any] | None = None) -> Path:
@@ -169,7 +266,7 @@ class CheckpointManager:
         write_fn(tmp)
         coord.barrier()
         if coord.is_main:
-            record = {"step": step, "saved_at": time.time(), **(meta or {})}
+            record = {"step": step, "saved_at": time.time(), **(meta or {}), "files": file_digests(tmp)}
             (tmp / META_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
             fsync_tree(tmp)
             if final.exists():  # the same step saved again (e.g. stopped right after a resume)

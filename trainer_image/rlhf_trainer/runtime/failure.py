@@ -39,6 +39,12 @@ class NumericError(TrainerError):
     exit_code = contract.EXIT_NUMERIC_ERROR
 
 
+class CheckpointError(TrainerError):
+    """A checkpoint's files do not match its manifest or hold more than tensors and plain data (permanent)."""
+
+    exit_code = contract.EXIT_CHECKPOINT_ERROR
+
+
 class Preempted(TrainerError):
     """SIGTERM arrived; a checkpoint was written and the run stops to be resumed later."""
 

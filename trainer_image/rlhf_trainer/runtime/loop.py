@@ -90,15 +90,17 @@ class FitResult:
     step: int
     train: dict[str, float]
     eval: dict[str, float]
-    resumed_from: int
+    resumed_from: int  # the checkpoint step restored, -1 when started fresh
 
 
-def _resume(cfg: TrainerConfig, strategy, engine, ckpt: CheckpointManager, plan: BatchPlan) -> tuple[int, dict]:
-    """Load the newest checkpoint (if any); returns its step and metadata."""
+def _resume(cfg: TrainerConfig, strategy, engine, ckpt: CheckpointManager, plan: BatchPlan,
+            metrics: TrainerMetrics) -> tuple[int, dict]:
+    """Load the newest checkpoint (if any, after checking its digests); returns its step and metadata."""
     latest = ckpt.latest() if cfg.checkpoint.resume else None
     if latest is None:
+        metrics.report_resume(None, reason="checkpoint.resume is false" if not cfg.checkpoint.resume else "")
         return 0, {}
-    meta = ckpt.read_meta(latest)
+    meta = ckpt.verify_for_resume(latest)
     if meta.get("stage") != cfg.stage:
         raise ConfigError(
             f"checkpoint.dir {cfg.checkpoint.dir} holds a {meta.get('stage')} checkpoint ({latest.name}) but this "
@@ -111,6 +113,7 @@ def _resume(cfg: TrainerConfig, strategy, engine, ckpt: CheckpointManager, plan:
         )
     strategy.load(engine, latest / ENGINE_SUBDIR)
     print(f"rlhf-trainer: resumed from {latest} (step {meta['step']})", flush=True)
+    metrics.report_resume(int(meta["step"]), latest)
     return int(meta["step"]), meta
 
 
@@ -119,7 +122,7 @@ def fit(cfg: TrainerConfig, strategy, engine, plan: BatchPlan, total_steps: int,
         stop: GracefulStop) -> FitResult:
     """Train to ``total_steps`` with resume, periodic eval and checkpoints, SIGTERM handling."""
     ckpt = CheckpointManager.from_config(cfg, dist=strategy)
-    start, meta = _resume(cfg, strategy, engine, ckpt, plan)
+    start, meta = _resume(cfg, strategy, engine, ckpt, plan, metrics)
     metrics.set_total_steps(total_steps)
     last_saved = start if start else None
     train_stats: dict[str, float] = meta.get("metrics", {})
@@ -179,4 +182,4 @@ def fit(cfg: TrainerConfig, strategy, engine, plan: BatchPlan, total_steps: int,
     eval_stats = evaluate()
     if eval_stats:
         metrics.log_step(step, eval_stats)
-    return FitResult(step, train_stats, eval_stats, start)
+    return FitResult(step, train_stats, eval_stats, start if meta else -1)

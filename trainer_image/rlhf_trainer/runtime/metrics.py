@@ -26,6 +26,7 @@ GAUGES: dict[str, str] = {
     c.M_GRAD_NORM: "Gradient norm before clipping.",
     c.M_EPOCH: "Epochs done (fractional).",
     c.M_LAST_CHECKPOINT_STEP: "Step of the newest checkpoint written.",
+    c.M_RESUMED_FROM_STEP: "Checkpoint step this run restored at start; -1 when it started fresh.",
     c.M_TOKENS_PER_SECOND: "Training tokens per second (all processes).",
     c.M_RM_ACCURACY: "Reward model pairwise accuracy on the training batch.",
     c.M_RM_EVAL_ACCURACY: "Reward model pairwise accuracy on the eval split.",
@@ -129,6 +130,22 @@ class TrainerMetrics:
         self._ckpt.labels(**self.labels).observe(seconds)
         if step is not None:
             self._gauge(c.M_LAST_CHECKPOINT_STEP).set(step)
+
+    def report_resume(self, step: int | None, checkpoint=None, reason: str = "") -> dict[str, Any]:
+        """Record where the run starts: the checkpoint step restored (gauge and one JSON line), or -1 when
+        ``step`` is None (fresh start; ``reason`` says why when a checkpoint was not even looked for)."""
+        value = -1 if step is None else step
+        self._gauge(c.M_RESUMED_FROM_STEP).set(value)
+        if step is None:
+            message = f"{reason or 'no checkpoint found'}, starting at step 0"
+        else:
+            message = f"resumed from checkpoint step {step}"
+        record = {"ts": round(time.time(), 3), "stage": self.cfg.stage, "event": "resume",
+                  "resumedFromStep": value, "message": message,
+                  **({"checkpoint": str(checkpoint)} if checkpoint is not None else {})}
+        if self.enabled:
+            print(json.dumps(record), file=self.stream, flush=True)
+        return record
 
     def log_step(self, step: int, values: dict[str, float]) -> dict[str, Any]:
         """Set the gauges named in ``values`` (and the step), print one JSON line; returns the record."""

@@ -12,18 +12,22 @@ JIT-builds a small comm op (about 90 s, cached in ~/.cache/torch_extensions).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
+import pickle
+import re
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..config import ConfigError, TrainerConfig
-from . import rng
+from . import rng, threads
+from .failure import CheckpointError
 
 ENGINE_TAG = "engine"  # DeepSpeed checkpoint tag inside a checkpoint directory
 
@@ -99,6 +103,53 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# --- loading checkpoint files without running code -----------------------------------------------
+
+_torch_load = torch.load
+
+
+def load_tensors(path: str | Path, map_location=None, allowed: list[type] | tuple[type, ...] = ()) -> Any:
+    """``torch.load`` that unpickles tensors, plain data and the ``allowed`` classes only (never code).
+
+    A file holding anything else (e.g. a planted pickle whose payload would run on a plain
+    ``torch.load``) is refused with a CheckpointError naming it."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return _torch_load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message is mostly generic advice (including "retry with weights_only=False"); keep its finding.
+        found = re.search(r"(?:Unsupported|Trying to load) [^\n]*", str(e))
+        reason = found.group(0).split(" was not an allowed global", 1)[0] if found else str(e).splitlines()[0]
+        raise CheckpointError(f"checkpoint file {path} holds objects other than tensors and plain data ({reason}); "
+                              "refusing to unpickle it: delete the checkpoint or restore it") from None
+
+
+def deepspeed_state_classes() -> list[type]:
+    """Plain data holders DeepSpeed pickles into its optimizer states besides tensors (no code runs on load)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_torch_load(allowed: list[type]) -> Iterator[None]:
+    """Make every ``torch.load`` inside the block a :func:`load_tensors`.
+
+    DeepSpeed's loaders call ``torch.load(weights_only=False)`` on several paths (checkpoint engine,
+    universal checkpoints); replacing the function for the duration of ``load_checkpoint`` covers all."""
+
+    def safe_load(f, map_location=None, *args, **kwargs):
+        return load_tensors(f, map_location=map_location, allowed=allowed)
+
+    torch.load = safe_load
+    try:
+        yield
+    finally:
+        torch.load = _torch_load
 
 
 # --- plain torch engine --------------------------------------------------------------------------
@@ -201,8 +252,7 @@ class Strategy:
 
     def setup(self) -> Strategy:
         """Join the process group (if any), pick the device, set threads and seeds."""
-        if self.cfg.training.threads > 0:
-            torch.set_num_threads(self.cfg.training.threads)
+        threads.apply(self.cfg.training.threads)  # the pod's CPU request when training.threads is 0
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(self.local_rank)
@@ -294,7 +344,8 @@ class Strategy:
 
     def save(self, engine, directory: str | Path) -> None:
         """Engine state (model, optimizer, scheduler) and this process's RNG state into ``directory``.
-        Called on every process (DeepSpeed writes one shard per rank)."""
+        Called on every process (DeepSpeed writes one shard per rank). Every file holds only tensors
+        and plain data, so :meth:`load` reads it with ``weights_only=True``."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         if self.use_deepspeed:
@@ -304,20 +355,24 @@ class Strategy:
         torch.save(rng.capture(), d / f"rng-rank{self.rank}.pt")
 
     def load(self, engine, directory: str | Path) -> None:
-        """Restore what :meth:`save` wrote (same world size for ZeRO stages 1-3)."""
+        """Restore what :meth:`save` wrote (same world size for ZeRO stages 1-3).
+
+        Verify the checkpoint's digests first (``CheckpointManager.verify``); this reads tensors and
+        plain data only and raises CheckpointError for a file holding anything else."""
         d = Path(directory)
         if self.use_deepspeed:
-            path, _ = engine.load_checkpoint(
-                str(d), tag=ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
-            )
+            with weights_only_torch_load(deepspeed_state_classes()):
+                path, _ = engine.load_checkpoint(
+                    str(d), tag=ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+                )
             if path is None:
-                raise RuntimeError(f"DeepSpeed could not load the checkpoint in {d}")
+                raise CheckpointError(f"DeepSpeed found no checkpoint to load in {d / ENGINE_TAG}")
         else:
-            engine.load_state_dict(torch.load(d / "engine.pt", map_location=self.device, weights_only=False))
+            engine.load_state_dict(load_tensors(d / "engine.pt", map_location=self.device))
         rng_file = d / f"rng-rank{self.rank}.pt"
         if not rng_file.exists():  # resumed with more processes than saved: reuse rank 0's streams
             rng_file = d / "rng-rank0.pt"
-        rng.restore(torch.load(rng_file, weights_only=False))
+        rng.restore(load_tensors(rng_file))
 
     # --- collectives -----------------------------------------------------------------------------
 
