@@ -51,6 +51,7 @@ from _clusterwatch import (  # noqa: E402
     wait_until,
 )
 from _kubeproxy import CountingProxy, ca_file, proxied_kubeconfig  # noqa: E402
+from rlhf_operator.names import pod_name  # noqa: E402
 
 TARGETS = {"single_p50_vs_floor_max": 3.0, "burst_all_reconciled_s_max": 60.0, "handoff_s_max": 2.0}
 
@@ -241,7 +242,7 @@ class Bench:
                                          ppo={"rolloutBatchSize": 4, "minibatchSize": 2}))
             wait_until(f"PPOJob {ppo} pod", lambda ppo=ppo: rec.job_pod_added(ns, ppo), 120, 0.01)
             done = rec.job_phase.get((ns, "RewardModelJob", rm, "Succeeded"))
-            pod_done = rec.pod_phase.get((ns, f"{rm}-trainer-0", "Succeeded"))
+            pod_done = rec.pod_phase.get((ns, pod_name("RewardModelJob", rm, 0), "Succeeded"))
             created = rec.job_pod_added(ns, ppo)
             if done is None:
                 raise SystemExit(f"the PPOJob {ppo} got a pod before RewardModelJob {rm} was seen Succeeded")
@@ -299,7 +300,7 @@ def job_latencies(rec: Recorder, ns: str, starts: dict[str, float]) -> dict[str,
     """Per job: creation -> trainer pod created (operator) -> pod Running (scheduler, node agent) ->
     job status Running (operator again)."""
     pod = {j: rec.job_pod_added(ns, j) for j in starts}
-    pod_running = {j: rec.pod_phase.get((ns, f"{j}-trainer-0", "Running")) for j in starts}
+    pod_running = {j: rec.pod_phase.get((ns, pod_name("SFTJob", j, 0), "Running")) for j in starts}
     running = {j: rec.job_phase[(ns, "SFTJob", j, "Running")] for j in starts}
     out = {"to_pod_created_s": bl.summary([pod[j] - t for j, t in starts.items()]),
            "to_running_s": bl.summary([running[j] - t for j, t in starts.items()])}

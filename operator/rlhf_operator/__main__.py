@@ -45,7 +45,11 @@ settings (environment variables; the Helm chart sets them, the options above ove
   RLHF_WEBHOOK_CERT_FILE, RLHF_WEBHOOK_KEY_FILE, RLHF_WEBHOOK_CA_FILE, RLHF_WEBHOOK_CONFIG_NAME,
   RLHF_WEBHOOK_FAILURE_POLICY, RLHF_WEBHOOK_LISTEN, RLHF_TRAINER_SECURITY_CONTEXT (JSON),
   RLHF_TRAINER_METRICS_PORT (9400), RLHF_TRAINER_COMMAND (JSON list; tests), RLHF_RESYNC_SECONDS (10),
-  RLHF_MAX_GPUS_PER_POD (8).
+  RLHF_MAX_GPUS_PER_POD (8), RLHF_RESTART_BACKOFF_SECONDS (10; doubles per restart after a failure, max 6 min).
+  What a job may ask for (comma lists; "*" = anything): RLHF_ALLOWED_TRAINER_IMAGES (besides
+  RLHF_TRAINER_IMAGE; exact or a prefix ending in / or :), RLHF_ALLOW_SECRET_ENV (false),
+  RLHF_ALLOWED_ENV (code-loading env names to allow, e.g. TORCH_EXTENSIONS_DIR), RLHF_ALLOWED_PRIORITY_CLASSES
+  (none), RLHF_ALLOWED_TOLERATION_KEYS (nvidia.com/gpu).
   Cluster credentials: the in-cluster service account, else $KUBECONFIG.
 """
 

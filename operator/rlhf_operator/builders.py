@@ -1,8 +1,8 @@
 """Child objects of a job, built by pure functions (dict in, dict out).
 
-Names are deterministic (`<job>-checkpoints`, `<job>-config`, `<job>-trainer-<attempt>`), so
-creating them again after an operator restart finds the existing object (409) instead of making a
-second one.
+Their names come from :mod:`rlhf_operator.names`. Every child carries the label
+`rlhf.io/job-uid: <job uid>` (pods and config maps also an owner reference; a retained claim has
+none), which is how the operator tells its own children from objects that merely have their names.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 from rlhf_trainer import config as tc
 from rlhf_trainer import contract
 
-from rlhf_operator import jobspec
+from rlhf_operator import jobspec, names
 from rlhf_operator.crd_schema import API_VERSION, KINDS, camel
 from rlhf_operator.settings import Settings
 
@@ -23,6 +23,7 @@ LABEL_JOB = "rlhf.io/job"
 LABEL_KIND = "rlhf.io/kind"
 LABEL_STAGE = "rlhf.io/stage"
 LABEL_ATTEMPT = "rlhf.io/attempt"
+LABEL_JOB_UID = "rlhf.io/job-uid"  # which job created the object: a retained claim has no owner reference
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGER = "rlhf-operator"
 ANN_RESTART_COUNT = "rlhf.io/restart-count"
@@ -43,18 +44,6 @@ SCRATCH_ENV = {
     "TRITON_CACHE_DIR": f"{SCRATCH_MOUNT}/.cache/triton",
     "TORCH_EXTENSIONS_DIR": f"{SCRATCH_MOUNT}/.cache/torch_extensions",
 }
-
-
-def pvc_name(job: str) -> str:
-    return f"{job}-checkpoints"
-
-
-def configmap_name(job: str) -> str:
-    return f"{job}-config"
-
-
-def pod_name(job: str, attempt: int) -> str:
-    return f"{job}-trainer-{attempt}"
 
 
 def labels(kind: str, name: str) -> dict[str, str]:
@@ -80,7 +69,7 @@ def owner_reference(job: dict[str, Any]) -> dict[str, Any]:
 
 def _meta(job: dict[str, Any], name: str, owned: bool = True) -> dict[str, Any]:
     m = job["metadata"]
-    meta = {"name": name, "namespace": m["namespace"], "labels": labels(job["kind"], m["name"])}
+    meta = {"name": name, "namespace": m["namespace"], "labels": {**labels(job["kind"], m["name"]), LABEL_JOB_UID: m["uid"]}}
     if owned:
         meta["ownerReferences"] = [owner_reference(job)]
     return meta
@@ -96,37 +85,43 @@ class Mount:
     path: str
 
 
-def _claim_mount(claim: str) -> Mount:
-    return Mount({"persistentVolumeClaim": {"claimName": claim, "readOnly": True}}, posixpath.join(CLAIMS_MOUNT, claim))
+def _claim_mount(claim: str, where: str) -> Mount:
+    return Mount({"persistentVolumeClaim": {"claimName": claim, "readOnly": True}}, _under(CLAIMS_MOUNT, claim, where))
 
 
-def _job_mount(job: str, claim: str) -> Mount:
-    return Mount({"persistentVolumeClaim": {"claimName": claim, "readOnly": True}}, posixpath.join(tc.INPUTS_MOUNT, job))
+def _job_mount(job: str, claim: str, where: str) -> Mount:
+    return Mount({"persistentVolumeClaim": {"claimName": claim, "readOnly": True}}, _under(tc.INPUTS_MOUNT, job, where))
 
 
-def _under(root: str, rel: str) -> str:
-    return posixpath.normpath(posixpath.join(root, rel.lstrip("/"))) if rel else root
+def _under(root: str, rel: str, where: str) -> str:
+    """root/rel, never outside root: a user-given name or path that would climb out (`..`) is refused
+    with a tc.ConfigError naming the trainer config field `where` (render_config maps it to spec.*)."""
+    path = posixpath.normpath(posixpath.join(root, rel.lstrip("/"))) if rel else root
+    if ".." in rel.split("/") or not (path == root or path.startswith(root.rstrip("/") + "/")):
+        raise tc.ConfigError(f"{where}: {rel!r} would leave {root}; name a path inside it without '..'")
+    return path
 
 
 def resolve_model(
-    kind: str, role: str, source: dict[str, Any], dep_claims: dict[str, str]
+    kind: str, role: str, source: dict[str, Any], dep_claims: dict[tuple[str, str], str], where: str = "model"
 ) -> tuple[dict[str, Any], list[Mount]]:
-    """A CRD model source -> (TrainerConfig ModelConfig dict, volumes it needs)."""
+    """A CRD model source -> (TrainerConfig ModelConfig dict, volumes it needs). `dep_claims` maps an
+    upstream (kind, name) to the claim its status says it wrote (status.output.claim)."""
     model: dict[str, Any] = {}
     mounts: list[Mount] = []
     tokenizer = source.get("tokenizerPath", "")
     ref = source.get("fromJob")
     if isinstance(ref, dict) and ref.get("name"):
-        job = ref["name"]
-        mount = _job_mount(job, dep_claims.get(job) or pvc_name(job))
+        job, up_kind = ref["name"], jobspec.from_job_kind(kind, role, ref)
+        mount = _job_mount(job, dep_claims.get((up_kind, job)) or names.pvc_name(up_kind, job), f"{where}.from_job.name")
         mounts.append(mount)
         model["path"] = posixpath.join(mount.path, tc.FINAL_SUBDIR)
     elif source.get("claim"):
-        mount = _claim_mount(source["claim"])
+        mount = _claim_mount(source["claim"], f"{where}.claim")
         mounts.append(mount)
         if not source.get("initFromConfig"):  # a fresh model reads only its tokenizer from the claim
-            model["path"] = _under(mount.path, source.get("path", ""))
-        tokenizer = _under(mount.path, tokenizer) if tokenizer else ""
+            model["path"] = _under(mount.path, source.get("path", ""), f"{where}.path")
+        tokenizer = _under(mount.path, tokenizer, f"{where}.tokenizer_path") if tokenizer else ""
     elif source.get("path"):
         model["path"] = source["path"]
     elif source.get("hubId"):
@@ -138,19 +133,22 @@ def resolve_model(
     return model, mounts
 
 
-def resolve_dataset(ds: dict[str, Any]) -> tuple[dict[str, Any], list[Mount]]:
+def resolve_dataset(ds: dict[str, Any], where: str = "dataset") -> tuple[dict[str, Any], list[Mount]]:
     """A CRD dataset -> (TrainerConfig DatasetConfig dict, volumes it needs)."""
     out = _snake_section(tc.DatasetConfig, {k: v for k, v in ds.items() if k not in ("path", "claim", "configMap", "hubId")})
     mounts: list[Mount] = []
     if ds.get("configMap"):
         cm = ds["configMap"]
-        mount = Mount({"configMap": {"name": cm["name"]}}, posixpath.join(CONFIGMAPS_MOUNT, cm["name"]))
+        mount = Mount({"configMap": {"name": cm["name"]}}, _under(CONFIGMAPS_MOUNT, cm["name"], f"{where}.config_map.name"))
         mounts.append(mount)
-        out["path"] = posixpath.join(mount.path, cm["key"])
+        key = cm["key"]
+        if "/" in key:  # a key is one file name
+            raise tc.ConfigError(f"{where}.config_map.key: {key!r} is not a ConfigMap key; name a key of the ConfigMap")
+        out["path"] = _under(mount.path, key, f"{where}.config_map.key")
     elif ds.get("claim"):
-        mount = _claim_mount(ds["claim"])
+        mount = _claim_mount(ds["claim"], f"{where}.claim")
         mounts.append(mount)
-        out["path"] = _under(mount.path, ds.get("path", ""))
+        out["path"] = _under(mount.path, ds.get("path", ""), f"{where}.path")
     elif ds.get("path"):
         out["path"] = ds["path"]
     elif ds.get("hubId"):
@@ -168,7 +166,7 @@ def _snake_section(cls: type, section: dict[str, Any]) -> dict[str, Any]:
 # --- the trainer config --------------------------------------------------------------------
 
 def trainer_config_dict(
-    job: dict[str, Any], settings: Settings, dep_claims: dict[str, str] | None = None
+    job: dict[str, Any], settings: Settings, dep_claims: dict[tuple[str, str], str] | None = None
 ) -> tuple[dict[str, Any], list[Mount]]:
     """The TrainerConfig (as a plain dict) for a job and the input volumes it refers to."""
     kind, meta, spec = job["kind"], job["metadata"], job.get("spec") or {}
@@ -193,10 +191,10 @@ def trainer_config_dict(
         ppo = _snake_section(tc.PPOConfig, spec.get("ppo"))
         for role, key in (("actor", "actor"), ("rewardModel", "reward_model"), ("critic", "critic"), ("reference", "reference")):
             if isinstance(spec.get(role), dict):
-                ppo[key], ms = resolve_model(kind, role, spec[role], dep_claims)
+                ppo[key], ms = resolve_model(kind, role, spec[role], dep_claims, f"ppo.{key}")
                 mounts += ms
         if spec.get("ptxDataset"):
-            ppo["ptx_dataset"], ms = resolve_dataset(spec["ptxDataset"])
+            ppo["ptx_dataset"], ms = resolve_dataset(spec["ptxDataset"], "ppo.ptx_dataset")
             mounts += ms
         cfg["ppo"] = ppo
     else:
@@ -230,12 +228,13 @@ def spec_path(config_path: str) -> str:
     return "spec." + ".".join(camel(p) for p in config_path.split("."))
 
 
-def render_config(job: dict[str, Any], settings: Settings, dep_claims: dict[str, str] | None = None) -> tuple[tc.TrainerConfig, list[Mount]]:
+def render_config(job: dict[str, Any], settings: Settings,
+                  dep_claims: dict[tuple[str, str], str] | None = None) -> tuple[tc.TrainerConfig, list[Mount]]:
     """Parse and validate the rendered config with the trainer's own parser.
 
     Raises tc.ConfigError whose message names the CRD field (spec.*)."""
-    data, mounts = trainer_config_dict(job, settings, dep_claims)
     try:
+        data, mounts = trainer_config_dict(job, settings, dep_claims)  # raises on a path that leaves its volume
         return tc.from_dict(data), mounts
     except tc.ConfigError as e:
         text = str(e)
@@ -255,14 +254,14 @@ def build_configmap(job: dict[str, Any], config_yaml: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _meta(job, configmap_name(job["metadata"]["name"])),
+        "metadata": _meta(job, names.configmap_name(job["kind"], job["metadata"]["name"])),
         "data": {tc.CONFIG_FILE_NAME: config_yaml},
     }
 
 
 def build_pvc(job: dict[str, Any], settings: Settings) -> dict[str, Any]:
     """The checkpoint claim. Retained claims (the default) carry no owner reference, so deleting
-    the job keeps the trained model."""
+    the job keeps the trained model; the job-uid label still says which job created it."""
     cp = (job.get("spec") or {}).get("checkpoint") or {}
     retain = cp.get("retainPolicy", "Retain") == "Retain"
     spec: dict[str, Any] = {
@@ -275,7 +274,7 @@ def build_pvc(job: dict[str, Any], settings: Settings) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
-        "metadata": _meta(job, pvc_name(job["metadata"]["name"]), owned=not retain),
+        "metadata": _meta(job, names.pvc_name(job["kind"], job["metadata"]["name"]), owned=not retain),
         "spec": spec,
     }
 
@@ -301,6 +300,9 @@ def _env(job: dict[str, Any]) -> list[dict[str, Any]]:
         {"name": contract.ENV_POD_IP, **field("status.podIP")},
         {"name": contract.ENV_TERMINATION_LOG, "value": contract.DEFAULT_TERMINATION_LOG},
     ]
+    if ((job.get("spec") or {}).get("resources") or {}).get("cpu") is not None:  # the trainer's torch threads
+        env.append({"name": contract.ENV_CPU_REQUEST, "valueFrom": {"resourceFieldRef": {
+            "containerName": CONTAINER, "resource": "requests.cpu", "divisor": "1"}}})
     user = [dict(v) for v in (job.get("spec") or {}).get("env") or []]
     user_names = {v.get("name") for v in user}
     scratch = [{"name": k, "value": v} for k, v in SCRATCH_ENV.items() if k not in user_names]
@@ -339,12 +341,12 @@ def build_pod(
     kind, name, spec = job["kind"], job["metadata"]["name"], job.get("spec") or {}
     gpus = (spec.get("resources") or {}).get("gpus", 1)
     sched = spec.get("scheduling") or {}
-    meta = _meta(job, pod_name(name, attempt))
+    meta = _meta(job, names.pod_name(kind, name, attempt))
     meta["labels"].update({LABEL_ATTEMPT: str(attempt), "app.kubernetes.io/name": "rlhf-trainer"})
     meta["annotations"] = {ANN_RESTART_COUNT: str(restart_count), ANN_CONFIG_HASH: config_digest}
     volumes: list[dict[str, Any]] = [
-        {"name": "config", "configMap": {"name": configmap_name(name)}},
-        {"name": "checkpoints", "persistentVolumeClaim": {"claimName": pvc_name(name)}},
+        {"name": "config", "configMap": {"name": names.configmap_name(kind, name)}},
+        {"name": "checkpoints", "persistentVolumeClaim": {"claimName": names.pvc_name(kind, name)}},
         {"name": "scratch", "emptyDir": {}},
     ]
     mounts: list[dict[str, Any]] = [

@@ -65,6 +65,7 @@ REQUIRED_ROLES: dict[str, tuple[str, ...]] = {
 PHASES = ("Pending", "Waiting", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
 CONDITION_TYPES = (
     "Created", "WaitingForDependencies", "PodScheduled", "Running", "Restarting", "Suspended", "Succeeded", "Failed",
+    "SpecChangeRefused", "StatusRejected",
 )
 DEFAULT_BACKOFF_LIMIT = 3
 QUANTITY_PATTERN = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
@@ -75,46 +76,72 @@ def camel(name: str) -> str:
     return head + "".join(p[:1].upper() + p[1:] for p in rest)
 
 
-# Bounds the trainer enforces (rlhf_trainer.config.validate) plus ones that only make sense;
-# declared in the schema so a bad value is refused at apply time with the field named.
-# Keys are (dataclass, field) in the trainer's snake_case; a test checks they all exist.
+# Names of the objects a pod mounts (claims, ConfigMaps, upstream jobs) are DNS subdomains, which
+# also keeps them from being "." or ".." (they become mount directories).
+OBJECT_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+# A ConfigMap key (one file name): no "/", not "." or "..", not starting with "..".
+CONFIGMAP_KEY_PATTERN = r"^\.?[-_a-zA-Z0-9][-._a-zA-Z0-9]*$"
+# A path with no ".." segment, so a path under a mount stays inside it (RE2 has no lookahead:
+# each segment is empty, ".", or starts with a non-dot, ".x" or "..x").
+_SEGMENT = r"([^/.][^/]*|\.[^/.][^/]*|\.\.[^/]+|\.)?"
+PATH_PATTERN = f"^{_SEGMENT}(/{_SEGMENT})*$"
+
+# Upper bounds: far above any real run, low enough that derived values (status.progress.totalSteps,
+# deadlines as datetimes) stay representable; an int64 there locked a job's status for good.
+MAX_STEPS = 10_000_000
+MAX_BATCH = 65_536
+MAX_TOKENS = 1_048_576
+MAX_SAMPLES = 1_000_000_000
+MAX_SEED = 2**32 - 1  # numpy's seed range
+MAX_SECONDS = 10 * 365 * 24 * 3600
+MAX_COEF = 1_000.0
+
+# Bounds of the trainer options in the schema, so a bad value is refused at apply time with the field
+# named. The minimums are the ones the trainer enforces (rlhf_trainer.config.validate); the maximums live
+# only here (the trainer accepts any size when run by hand). Keys are (dataclass, field) in the trainer's
+# snake_case; a test checks they all exist and that every number in a spec is bounded.
 BOUNDS: dict[tuple[type, str], dict[str, Any]] = {
-    (tc.TrainingConfig, "max_steps"): {"minimum": 0},
-    (tc.TrainingConfig, "epochs"): {"minimum": 0, "exclusiveMinimum": True},
-    (tc.TrainingConfig, "batch_size"): {"minimum": 1},
-    (tc.TrainingConfig, "gradient_accumulation_steps"): {"minimum": 1},
-    (tc.TrainingConfig, "learning_rate"): {"minimum": 0},
-    (tc.TrainingConfig, "weight_decay"): {"minimum": 0},
-    (tc.TrainingConfig, "warmup_steps"): {"minimum": 0},
-    (tc.TrainingConfig, "max_grad_norm"): {"minimum": 0},
-    (tc.TrainingConfig, "max_length"): {"minimum": 8},
-    (tc.TrainingConfig, "log_every"): {"minimum": 1},
-    (tc.TrainingConfig, "eval_every"): {"minimum": 0},
-    (tc.TrainingConfig, "threads"): {"minimum": 0},
+    (tc.TrainingConfig, "max_steps"): {"minimum": 0, "maximum": MAX_STEPS},
+    (tc.TrainingConfig, "epochs"): {"minimum": 0, "exclusiveMinimum": True, "maximum": 10_000},
+    (tc.TrainingConfig, "batch_size"): {"minimum": 1, "maximum": MAX_BATCH},
+    (tc.TrainingConfig, "gradient_accumulation_steps"): {"minimum": 1, "maximum": MAX_BATCH},
+    (tc.TrainingConfig, "learning_rate"): {"minimum": 0, "maximum": 10},
+    (tc.TrainingConfig, "weight_decay"): {"minimum": 0, "maximum": 10},
+    (tc.TrainingConfig, "warmup_steps"): {"minimum": 0, "maximum": MAX_STEPS},
+    (tc.TrainingConfig, "max_grad_norm"): {"minimum": 0, "maximum": 1e6},
+    (tc.TrainingConfig, "max_length"): {"minimum": 8, "maximum": MAX_TOKENS},
+    (tc.TrainingConfig, "seed"): {"minimum": 0, "maximum": MAX_SEED},
+    (tc.TrainingConfig, "log_every"): {"minimum": 1, "maximum": MAX_STEPS},
+    (tc.TrainingConfig, "eval_every"): {"minimum": 0, "maximum": MAX_STEPS},
+    (tc.TrainingConfig, "threads"): {"minimum": 0, "maximum": 1024},
     (tc.DatasetConfig, "eval_fraction"): {"minimum": 0, "maximum": 1, "exclusiveMaximum": True},
-    (tc.DatasetConfig, "max_samples"): {"minimum": 0},
-    (tc.DatasetConfig, "min_train_samples"): {"minimum": 0},
+    (tc.DatasetConfig, "split_seed"): {"minimum": 0, "maximum": MAX_SEED},
+    (tc.DatasetConfig, "max_samples"): {"minimum": 0, "maximum": MAX_SAMPLES},
+    (tc.DatasetConfig, "min_train_samples"): {"minimum": 0, "maximum": MAX_SAMPLES},
     (tc.DeepSpeedConfig, "zero_stage"): {"minimum": 0, "maximum": 3},
-    (tc.PPOConfig, "kl_coef"): {"minimum": 0},
-    (tc.PPOConfig, "kl_target"): {"minimum": 0},
-    (tc.PPOConfig, "kl_horizon"): {"minimum": 1},
-    (tc.PPOConfig, "cliprange"): {"minimum": 0},
-    (tc.PPOConfig, "cliprange_value"): {"minimum": 0},
-    (tc.PPOConfig, "vf_coef"): {"minimum": 0},
-    (tc.PPOConfig, "entropy_coef"): {"minimum": 0},
+    (tc.CheckpointConfig, "every_steps"): {"minimum": 0, "maximum": MAX_STEPS},
+    (tc.CheckpointConfig, "keep_last"): {"minimum": 1, "maximum": 1000},
+    (tc.RewardConfig, "margin"): {"minimum": -MAX_COEF, "maximum": MAX_COEF},
+    (tc.PPOConfig, "kl_coef"): {"minimum": 0, "maximum": MAX_COEF},
+    (tc.PPOConfig, "kl_target"): {"minimum": 0, "maximum": MAX_COEF},
+    (tc.PPOConfig, "kl_horizon"): {"minimum": 1, "maximum": MAX_SAMPLES},
+    (tc.PPOConfig, "cliprange"): {"minimum": 0, "maximum": MAX_COEF},
+    (tc.PPOConfig, "cliprange_value"): {"minimum": 0, "maximum": 1e6},
+    (tc.PPOConfig, "vf_coef"): {"minimum": 0, "maximum": MAX_COEF},
+    (tc.PPOConfig, "entropy_coef"): {"minimum": 0, "maximum": MAX_COEF},
     (tc.PPOConfig, "gamma"): {"minimum": 0, "maximum": 1},
     (tc.PPOConfig, "lam"): {"minimum": 0, "maximum": 1},
-    (tc.PPOConfig, "reward_clip"): {"minimum": 0},
-    (tc.PPOConfig, "rollout_batch_size"): {"minimum": 1},
-    (tc.PPOConfig, "minibatch_size"): {"minimum": 1},
-    (tc.PPOConfig, "ppo_epochs"): {"minimum": 1},
-    (tc.PPOConfig, "max_prompt_length"): {"minimum": 1},
-    (tc.PPOConfig, "max_new_tokens"): {"minimum": 1},
-    (tc.PPOConfig, "temperature"): {"minimum": 0, "exclusiveMinimum": True},
-    (tc.PPOConfig, "top_k"): {"minimum": 0},
+    (tc.PPOConfig, "reward_clip"): {"minimum": 0, "maximum": 1e6},
+    (tc.PPOConfig, "rollout_batch_size"): {"minimum": 1, "maximum": MAX_BATCH},
+    (tc.PPOConfig, "minibatch_size"): {"minimum": 1, "maximum": MAX_BATCH},
+    (tc.PPOConfig, "ppo_epochs"): {"minimum": 1, "maximum": 1000},
+    (tc.PPOConfig, "max_prompt_length"): {"minimum": 1, "maximum": MAX_TOKENS},
+    (tc.PPOConfig, "max_new_tokens"): {"minimum": 1, "maximum": MAX_TOKENS},
+    (tc.PPOConfig, "temperature"): {"minimum": 0, "exclusiveMinimum": True, "maximum": 100},
+    (tc.PPOConfig, "top_k"): {"minimum": 0, "maximum": 10_000_000},
     (tc.PPOConfig, "top_p"): {"minimum": 0, "exclusiveMinimum": True, "maximum": 1},
-    (tc.PPOConfig, "ptx_coef"): {"minimum": 0},
-    (tc.PPOConfig, "critic_learning_rate"): {"minimum": 0},
+    (tc.PPOConfig, "ptx_coef"): {"minimum": 0, "maximum": MAX_COEF},
+    (tc.PPOConfig, "critic_learning_rate"): {"minimum": 0, "maximum": 10},
 }
 
 # Trainer fields that the CRD sets some other way (model sources, dataset location, fixed paths).
@@ -218,7 +245,7 @@ def from_job_schema(kind: str, role: str) -> dict[str, Any]:
         f"Succeeded, then mounts its checkpoint claim read-only at {tc.INPUTS_MOUNT}/<name> and starts from "
         f"{tc.INPUTS_MOUNT}/<name>/{tc.FINAL_SUBDIR}. Allowed kinds here: {', '.join(allowed)}.",
         {
-            "name": _str("Name of the job (same namespace).", minLength=1, maxLength=63),
+            "name": _str("Name of the job (same namespace).", minLength=1, maxLength=63, pattern=OBJECT_NAME_PATTERN),
             "kind": _str(f"Kind of the job. Default: {allowed[0]}.", enum=list(KINDS)),
         },
         required=["name"],
@@ -231,15 +258,18 @@ def model_source_schema(kind: str, role: str, description: str) -> dict[str, Any
         {
             "path": _str(
                 "Directory of a Hugging Face model. Relative to the claim's root when `claim` is set, "
-                "otherwise an absolute path inside the trainer container."
+                "otherwise an absolute path inside the trainer container. No '..' segments.",
+                pattern=PATH_PATTERN,
             ),
             "claim": _str(
                 "PersistentVolumeClaim (same namespace) holding the model; mounted read-only at "
-                "/mnt/claims/<claim>."
+                "/mnt/claims/<claim>.",
+                maxLength=253, pattern=OBJECT_NAME_PATTERN,
             ),
             "hubId": _str("Hugging Face hub id (needs network access from the pod)."),
             "fromJob": from_job_schema(kind, role),
-            "tokenizerPath": _str("Tokenizer directory when it differs from the model's (same rules as `path`)."),
+            "tokenizerPath": _str("Tokenizer directory when it differs from the model's (same rules as `path`).",
+                                  pattern=PATH_PATTERN),
             "initFromConfig": _free(
                 "Build a fresh model from this transformers config (e.g. {model_type: gpt2, n_layer: 2}) "
                 "instead of loading weights; the tokenizer comes from `tokenizerPath`."
@@ -252,15 +282,18 @@ def dataset_schema(description: str) -> dict[str, Any]:
     section = section_schema(tc.DatasetConfig, description)
     props = {
         "path": _str(
-            "File or directory of the data. Relative to the claim's root when `claim` is set, relative to the "
-            "ConfigMap when `configMap` is set, otherwise an absolute path inside the trainer container."
+            "File or directory of the data. Relative to the claim's root when `claim` is set, otherwise an absolute "
+            "path inside the trainer container (not used with `configMap`: the key names the file). No '..' segments.",
+            pattern=PATH_PATTERN,
         ),
-        "claim": _str("PersistentVolumeClaim (same namespace) holding the data; mounted read-only at /mnt/claims/<claim>."),
+        "claim": _str("PersistentVolumeClaim (same namespace) holding the data; mounted read-only at /mnt/claims/<claim>.",
+                      maxLength=253, pattern=OBJECT_NAME_PATTERN),
         "configMap": _obj(
             "A ConfigMap holding a small dataset file; mounted read-only at /mnt/configmaps/<name>.",
             {
-                "name": _str("Name of the ConfigMap (same namespace).", minLength=1),
-                "key": _str("Key of the file in the ConfigMap.", minLength=1),
+                "name": _str("Name of the ConfigMap (same namespace).", minLength=1, maxLength=253, pattern=OBJECT_NAME_PATTERN),
+                "key": _str("Key of the file in the ConfigMap (letters, digits, '-', '_', '.'; no '/', not starting with '..').",
+                            minLength=1, maxLength=253, pattern=CONFIGMAP_KEY_PATTERN),
             },
             required=["name", "key"],
         ),
@@ -277,7 +310,7 @@ def resources_schema() -> dict[str, Any]:
             "gpus": _int(
                 "GPUs per pod (requested as nvidia.com/gpu). More than one runs the trainer under torchrun "
                 "with one process per GPU. Allowed: 0, 1, 2, 4 or 8. Default: 1.",
-                minimum=0,
+                minimum=0, maximum=64,
             ),
             "cpu": _quantity("CPU request, e.g. \"4\" or \"500m\"."),
             "memory": _quantity("Memory request and limit, e.g. \"32Gi\"."),
@@ -293,16 +326,17 @@ def scheduling_schema() -> dict[str, Any]:
             "operator": _str("Exists or Equal.", enum=["Exists", "Equal"]),
             "value": _str("Taint value (with Equal)."),
             "effect": _str("Taint effect to tolerate.", enum=["NoSchedule", "PreferNoSchedule", "NoExecute"]),
-            "tolerationSeconds": _int("How long a NoExecute taint is tolerated.", minimum=0),
+            "tolerationSeconds": _int("How long a NoExecute taint is tolerated.", minimum=0, maximum=MAX_SECONDS),
         },
     )
     return _obj(
         "Where the trainer pod may run.",
         {
             "nodeSelector": _obj("Node labels the pod requires.", additionalProperties={"type": "string"}),
-            "tolerations": {"type": "array", "description": "Taints the pod tolerates.", "items": toleration},
+            "tolerations": {"type": "array", "items": toleration, "description": "Taints the pod tolerates; only keys "
+                            "the operator allows (RLHF_ALLOWED_TOLERATION_KEYS, default nvidia.com/gpu)."},
             "affinity": _free("Pod affinity rules (as in a Pod spec)."),
-            "priorityClassName": _str("PriorityClass of the pod."),
+            "priorityClassName": _str("PriorityClass of the pod; only ones the operator allows (RLHF_ALLOWED_PRIORITY_CLASSES)."),
         },
     )
 
@@ -316,7 +350,6 @@ def checkpoint_schema() -> dict[str, Any]:
     hints = typing.get_type_hints(tc.CheckpointConfig)
     every = field_schema(tc.CheckpointConfig, cp["every_steps"], hints["every_steps"])
     keep = field_schema(tc.CheckpointConfig, cp["keep_last"], hints["keep_last"])
-    every["minimum"], keep["minimum"] = 0, 1
     return _obj(
         "The job's checkpoint claim: checkpoints, resume state and the final model that later stages read.",
         {
@@ -330,6 +363,12 @@ def checkpoint_schema() -> dict[str, Any]:
                 enum=["Retain", "Delete"],
                 default="Retain",
             ),
+            "onClaimLoss": _str(
+                "What the job does when its claim is deleted before it finished (its checkpoints go with it): "
+                "Fail (condition CheckpointClaimLost) or StartOver (a new claim, training again from step 0).",
+                enum=["Fail", "StartOver"],
+                default="Fail",
+            ),
         },
     )
 
@@ -337,13 +376,18 @@ def checkpoint_schema() -> dict[str, Any]:
 def env_schema() -> dict[str, Any]:
     return {
         "type": "array",
-        "description": "Extra environment variables for the trainer container (as in a Pod spec).",
+        "description": "Extra environment variables for the trainer container (as in a Pod spec). Names that change "
+        "which code runs (PATH, HOME, LD_*, PYTHON* but PYTHONUNBUFFERED and the like, TORCH_EXTENSIONS_DIR, ...) and "
+        "the ones the operator sets are refused unless the operator's settings allow them (RLHF_ALLOWED_ENV).",
         "items": _obj(
             "An environment variable.",
             {
                 "name": _str("Variable name.", minLength=1),
                 "value": _str("Literal value."),
-                "valueFrom": _free("Source of the value (secretKeyRef, configMapKeyRef, fieldRef)."),
+                "valueFrom": _free(
+                    "Source of the value: configMapKeyRef, fieldRef, resourceFieldRef, or secretKeyRef when the operator "
+                    "allows reading Secrets (RLHF_ALLOW_SECRET_ENV)."
+                ),
             },
             required=["name"],
         ),
@@ -352,7 +396,8 @@ def env_schema() -> dict[str, Any]:
 
 def common_spec_properties() -> dict[str, Any]:
     return {
-        "image": _str("Trainer image. Default: the operator's RLHF_TRAINER_IMAGE."),
+        "image": _str("Trainer image. Default: the operator's RLHF_TRAINER_IMAGE; any other must be allowed by the "
+                      "operator's RLHF_ALLOWED_TRAINER_IMAGES."),
         "training": section_schema(tc.TrainingConfig, "Optimisation settings."),
         "resources": resources_schema(),
         "scheduling": scheduling_schema(),
@@ -363,12 +408,15 @@ def common_spec_properties() -> dict[str, Any]:
             "How many times a failed trainer pod is replaced (each resumes from the latest checkpoint). Trainer "
             "exit codes 2, 3 and 4 (bad config, data or model) fail the job at once.",
             minimum=0,
+            maximum=1000,
             default=DEFAULT_BACKOFF_LIMIT,
         ),
         "activeDeadlineSeconds": _int(
-            "Fail the job when it has been running this long (counted from its latest start or resume).", minimum=1
+            "Fail the job when it has been running this long (counted from its latest start or resume).",
+            minimum=1, maximum=MAX_SECONDS,
         ),
-        "ttlSecondsAfterFinished": _int("Delete the job this many seconds after it Succeeded or Failed.", minimum=0),
+        "ttlSecondsAfterFinished": _int("Delete the job this many seconds after it Succeeded or Failed.",
+                                        minimum=0, maximum=MAX_SECONDS),
         "suspend": _bool(
             "Stop the trainer pod (it writes a checkpoint on SIGTERM) and keep the claim; set back to false to "
             "resume from the latest checkpoint.",
@@ -429,6 +477,8 @@ def status_schema(kind: str) -> dict[str, Any]:
             "reward": _num("Latest mean reward (PPO)."),
             "kl": _num("Latest KL to the reference policy (PPO)."),
             "checkpointStep": _int("Step of the newest complete checkpoint."),
+            "resumedFromStep": _int("Checkpoint step the current trainer pod restored at its start, as the trainer "
+                                    "reports it; -1 when it started fresh (no checkpoint). Absent until reported."),
             "updateTime": _str("When the trainer was last scraped.", format="date-time"),
         },
     )
@@ -450,15 +500,23 @@ def status_schema(kind: str) -> dict[str, Any]:
             "conditions": {
                 "type": "array",
                 "description": "Conditions: Created, WaitingForDependencies, PodScheduled, Running, Restarting, "
-                "Suspended, Succeeded, Failed. Succeeded and Failed are terminal.",
+                "Suspended, Succeeded, Failed, SpecChangeRefused, StatusRejected. Succeeded and Failed are terminal.",
                 "items": condition_schema(),
                 "x-kubernetes-list-type": "map",
                 "x-kubernetes-list-map-keys": ["type"],
             },
             "startTime": _str("When the current run started (reset on resume).", format="date-time"),
             "completionTime": _str("When the job Succeeded or Failed.", format="date-time"),
-            "restartCount": _int("How many failed trainer pods were replaced."),
-            "attempt": _int("Index of the newest trainer pod (<job>-trainer-<attempt>)."),
+            "restartCount": _int("How many failed trainer pods were replaced (counted against spec.backoffLimit)."),
+            "disruptionCount": _int("How many trainer pods were deleted, evicted, preempted or lost with their node "
+                                    "and replaced; not counted against spec.backoffLimit."),
+            "nextAttemptTime": _str("When the next trainer pod starts, while a failed one waits out its back-off.",
+                                    format="date-time"),
+            "runningGeneration": _int("metadata.generation of the spec the trainer pods run (a run keeps its spec; "
+                                      "see the SpecChangeRefused condition)."),
+            "runningSpec": _free("The spec the current run started with; its pods, replacements included, are built "
+                                 "from it."),
+            "attempt": _int("Index of the newest trainer pod (<job>-<sft|rm|ppo>-trainer-<attempt>)."),
             "trainerPod": _str("Name of the current trainer pod."),
             "checkpoint": _obj(
                 "The job's checkpoint claim.",

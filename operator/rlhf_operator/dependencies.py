@@ -10,6 +10,7 @@ from rlhf_operator import jobspec
 from rlhf_operator.status import DepState
 
 JobKey = tuple[str, str, str]  # (namespace, kind, name)
+Node = tuple[str, str]  # (kind, name) within one namespace
 
 
 def summarize(kind: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -27,6 +28,7 @@ def summarize(kind: str, body: dict[str, Any]) -> dict[str, Any]:
         "claim": (status.get("output") or {}).get("claim") or (status.get("checkpoint") or {}).get("claim", ""),
         "completionTime": status.get("completionTime", ""),
         "ttl": spec.get("ttlSecondsAfterFinished"),
+        "started": status.get("attempt") is not None,  # its upstream jobs no longer hold it back
         "deps": [(ref.kind, ref.name) for ref in jobspec.dependencies(kind, spec)],
     }
 
@@ -71,3 +73,58 @@ def wrong_kind_errors(kind: str, spec: dict[str, Any], lookup: Callable[[str, st
                 f"name a {want} or set fromJob.kind"
             )
     return errors
+
+
+def find_cycle(start: Node, deps_of: Callable[[Node], Iterable[Node]]) -> list[Node] | None:
+    """A path of waits from `start` back to itself ([start, ..., start]), or None. Depth-first, in
+    the order deps_of gives; a cycle that `start` only leads into is not its own (it fails as a
+    DependencyFailed once that cycle's jobs have failed)."""
+    path, seen = [start], {start}
+    stack = [iter(deps_of(start))]
+    while stack:
+        nxt = next(stack[-1], None)
+        if nxt is None:
+            stack.pop()
+            path.pop()
+        elif nxt == start:
+            return [*path, start]
+        elif nxt not in seen:
+            seen.add(nxt)
+            path.append(nxt)
+            stack.append(iter(deps_of(nxt)))
+    return None
+
+
+def _holds_back(summary: dict[str, Any]) -> bool:
+    """A job still waits for its upstream jobs: it never started and has not succeeded."""
+    return summary.get("phase") != "Succeeded" and not summary.get("started")
+
+
+def cycle(kind: str, name: str, spec: dict[str, Any], lookup: Callable[[str, str], dict[str, Any] | None]) -> list[Node] | None:
+    """The dependency cycle through this job (its own spec, the others from the index), or None."""
+    own = [(ref.kind, ref.name) for ref in jobspec.dependencies(kind, spec)]
+
+    def deps_of(node: Node) -> list[Node]:
+        if node == (kind, name):
+            return own
+        s = lookup(*node)
+        return [tuple(d) for d in s["deps"]] if s is not None and _holds_back(s) else []  # type: ignore[misc]
+
+    return find_cycle((kind, name), deps_of)
+
+
+def describe_cycle(path: list[Node]) -> str:
+    return " -> ".join(f"{k} {n}" for k, n in path)
+
+
+def cycle_message(path: list[Node], fix: str = "delete the jobs of the cycle and create them again without the loop") -> str:
+    return f"dependency cycle {describe_cycle(path)}: each job waits for the next, so none can ever start; {fix}"
+
+
+def cycle_errors(kind: str, name: str, spec: dict[str, Any], lookup: Callable[[str, str], dict[str, Any] | None]) -> list[str]:
+    """Admission: refuse the job that closes a cycle (a job naming itself is jobspec.validate's)."""
+    path = cycle(kind, name, spec, lookup)
+    if not path or path[1] == (kind, name):
+        return []
+    role = next(ref.roles[0] for ref in jobspec.dependencies(kind, spec) if (ref.kind, ref.name) == path[1])
+    return [f"spec.{role}.fromJob: {cycle_message(path, 'name a job outside the cycle')}"]

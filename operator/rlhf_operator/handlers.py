@@ -16,6 +16,7 @@ import kopf
 from rlhf_operator import builders, dependencies
 from rlhf_operator import status as status_mod
 from rlhf_operator.crd_schema import GROUP, KINDS, VERSION
+from rlhf_operator.policies import children as child_policy
 from rlhf_operator.reconciler import Reconciler
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,18 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
         kind = labels[builders.LABEL_KIND]
         if kind in KINDS:
             await reconciler.trigger((namespace, kind, labels[builders.LABEL_JOB]))
+
+    # Checkpoint claims (same labels): a job and the jobs reading its output notice a claim going away.
+    @kopf.index("persistentvolumeclaims", labels=POD_LABELS, id="checkpoint_claims_index", registry=registry)
+    def checkpoint_claims_index(body: kopf.Body, namespace: str, labels: dict[str, str], **_: Any) -> dict:
+        return {(namespace, labels[builders.LABEL_KIND], labels[builders.LABEL_JOB]): child_policy.object_view(dict(body))}
+
+    @kopf.on.event("persistentvolumeclaims", labels=POD_LABELS, id="checkpoint_claim_event", registry=registry)
+    async def checkpoint_claim_event(event: dict[str, Any], body: kopf.Body, namespace: str, labels: dict[str, str], **_: Any) -> None:
+        kind, job = labels[builders.LABEL_KIND], labels[builders.LABEL_JOB]
+        if kind in KINDS and (event.get("type") == "DELETED" or body.get("metadata", {}).get("deletionTimestamp")):
+            reconciler.trigger_dependents(namespace, kind, job)
+            await reconciler.trigger((namespace, kind, job))
 
     @kopf.on.startup(registry=registry)
     async def startup(**kwargs: Any) -> None:

@@ -8,11 +8,14 @@ cluster without the webhook still gets the same, clear answer.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 from rlhf_trainer import contract
 
-from rlhf_operator.crd_schema import FROM_JOB_KINDS, MODEL_ROLES
+from rlhf_operator import grants
+from rlhf_operator.crd_schema import CONFIGMAP_KEY_PATTERN, FROM_JOB_KINDS, MODEL_ROLES, OBJECT_NAME_PATTERN
+from rlhf_operator.settings import Settings
 
 MAX_NAME_LENGTH = 63  # the job name is a label value on every child
 ALLOWED_GPUS = (0, 1, 2, 4, 8)  # per pod: ZeRO partitions and GPU nodes come in powers of two
@@ -20,10 +23,13 @@ RESERVED_ENV = frozenset({
     contract.ENV_CONFIG, contract.ENV_JOB_NAME, contract.ENV_JOB_NAMESPACE, contract.ENV_JOB_KIND,
     contract.ENV_POD_NAME, contract.ENV_POD_IP, contract.ENV_TERMINATION_LOG,
 })
+# The schema's patterns, checked here too: a job stored under an older CRD meets the same rules.
+OBJECT_NAME = re.compile(OBJECT_NAME_PATTERN)
+CONFIGMAP_KEY = re.compile(CONFIGMAP_KEY_PATTERN)
 # Fields that may change while a trainer pod exists (batch/v1 Job allows the same ones).
 MUTABLE_WHILE_RUNNING = frozenset({"suspend", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "backoffLimit"})
 MUTABLE_WHEN_FINISHED = frozenset({"ttlSecondsAfterFinished"})
-CHECKPOINT_MUTABLE = frozenset({"retainPolicy", "everySteps", "keepLast"})
+CHECKPOINT_MUTABLE = frozenset({"retainPolicy", "everySteps", "keepLast", "onClaimLoss"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +60,19 @@ def dependencies(kind: str, spec: dict[str, Any]) -> list[DepRef]:
     return [DepRef(tuple(r), k, n) for (k, n), r in roles.items()]
 
 
+def _path_errors(where: str, path: Any) -> list[str]:
+    """A path resolved under a mount (or in the container) may not climb out of it."""
+    if isinstance(path, str) and ".." in path.split("/"):
+        return [f"{where}: {path!r} contains a '..' segment; name a path inside the volume without '..'"]
+    return []
+
+
+def _name_errors(where: str, name: Any, what: str) -> list[str]:
+    if isinstance(name, str) and name and not OBJECT_NAME.match(name):
+        return [f"{where}: {name!r} is not a valid {what} name (lower-case letters, digits, '-' and '.')"]
+    return []
+
+
 def _model_errors(kind: str, role: str, source: dict[str, Any]) -> list[str]:
     where = f"spec.{role}"
     chosen = [k for k in ("path", "hubId", "fromJob", "initFromConfig") if source.get(k)]
@@ -72,10 +91,27 @@ def _model_errors(kind: str, role: str, source: dict[str, Any]) -> list[str]:
             errors.append(f"{where}.fromJob.kind: a {ref_kind} cannot be used as {role}; use one of {', '.join(allowed)}")
     if source.get("initFromConfig") and not source.get("tokenizerPath"):
         errors.append(f"{where}.tokenizerPath: required with initFromConfig (a fresh model still needs a tokenizer)")
+    errors += _name_errors(f"{where}.claim", source.get("claim"), "PersistentVolumeClaim")
+    if isinstance(ref, dict):
+        errors += _name_errors(f"{where}.fromJob.name", ref.get("name"), "job")
+    for key in ("path", "tokenizerPath"):
+        errors += _path_errors(f"{where}.{key}", source.get(key))
     return errors
 
 
 def _dataset_errors(where: str, ds: dict[str, Any]) -> list[str]:
+    errors = _name_errors(f"{where}.claim", ds.get("claim"), "PersistentVolumeClaim") + _path_errors(f"{where}.path", ds.get("path"))
+    cm = ds.get("configMap")
+    if isinstance(cm, dict):
+        errors += _name_errors(f"{where}.configMap.name", cm.get("name"), "ConfigMap")
+        key = cm.get("key")
+        if isinstance(key, str) and not CONFIGMAP_KEY.match(key):
+            errors.append(f"{where}.configMap.key: {key!r} is not a ConfigMap key (letters, digits, '-', '_' and '.'; "
+                          "no '/', not starting with '..'); name a key of the ConfigMap")
+    return errors + _dataset_choice_errors(where, ds)
+
+
+def _dataset_choice_errors(where: str, ds: dict[str, Any]) -> list[str]:
     chosen = [k for k in ("path", "configMap", "hubId") if ds.get(k)]
     if ds.get("claim") and "path" not in chosen:
         chosen.insert(0, "path")
@@ -97,9 +133,16 @@ def validate(kind: str, name: str, spec: dict[str, Any], max_gpus: int = 8) -> l
         errors.append(f"metadata.name: at most {MAX_NAME_LENGTH} characters (it is a label value on the job's pods), got {len(name)}")
     for role, source in model_sources(kind, spec).items():
         errors += _model_errors(kind, role, source)
+    seen: dict[str, DepRef] = {}
     for ref in dependencies(kind, spec):
         if ref.kind == kind and ref.name == name:
             errors.append(f"spec.{ref.roles[0]}.fromJob.name: a job cannot depend on itself")
+        other = seen.setdefault(ref.name, ref)
+        if other.kind != ref.kind:  # both would mount at /inputs/<name>
+            errors.append(
+                f"spec.{ref.roles[0]}.fromJob: {ref.kind} {ref.name} and {other.kind} {other.name} "
+                f"(spec.{other.roles[0]}) share a name; inputs are mounted by job name, so use jobs with different names"
+            )
     if isinstance(spec.get("dataset"), dict):
         errors += _dataset_errors("spec.dataset", spec["dataset"])
     if kind == "PPOJob" and spec.get("ptxDataset"):
@@ -125,6 +168,12 @@ def validate(kind: str, name: str, spec: dict[str, Any], max_gpus: int = 8) -> l
         if var.get("name") in RESERVED_ENV:
             errors.append(f"spec.env[{i}].name: {var['name']} is set by the operator; remove it")
     return errors
+
+
+def check(kind: str, name: str, spec: dict[str, Any], settings: Settings) -> list[str]:
+    """Every rule the webhook and the reconciler apply to a spec: `validate` plus what the operator's
+    settings allow a job to grant (images, env, scheduling)."""
+    return validate(kind, name, spec, settings.max_gpus_per_pod) + grants.errors(spec, settings)
 
 
 def is_running(status: dict[str, Any]) -> bool:

@@ -1,7 +1,8 @@
 """The few Kubernetes API calls the reconciler makes, as plain dicts, off the event loop.
 
 The official client is synchronous; calls run in a thread pool so the kopf loop never blocks.
-Creation is repeat-safe: 409 AlreadyExists means the object is there (adopt it), not an error.
+Creation is repeat-safe: 409 AlreadyExists returns the object that is there, for the caller to check
+whose it is (policies.children) before using it.
 """
 
 from __future__ import annotations
@@ -93,10 +94,14 @@ class Kube:
         await self.request("DELETE", job_path(kind, namespace, name), body, ok=(404, 409))
 
     # --- children ----------------------------------------------------------------------------
-    async def create(self, resource: str, obj: dict[str, Any]) -> bool:
-        """Create a namespaced core object; False when it existed already (adopted)."""
-        status, _ = await self.request("POST", core_path(resource, obj["metadata"]["namespace"]), obj, ok=(409,))
-        return status != 409
+    async def create(self, resource: str, obj: dict[str, Any]) -> dict[str, Any] | None:
+        """Create a namespaced core object: None when created, else the object already under its name
+        ({} if that one was deleted in between)."""
+        meta = obj["metadata"]
+        status, _ = await self.request("POST", core_path(resource, meta["namespace"]), obj, ok=(409,))
+        if status != 409:
+            return None
+        return await self.get(resource, meta["namespace"], meta["name"]) or {}
 
     async def get(self, resource: str, namespace: str, name: str) -> dict[str, Any] | None:
         status, data = await self.request("GET", core_path(resource, namespace, name), ok=(404,))
@@ -107,16 +112,6 @@ class Kube:
 
     async def delete(self, resource: str, namespace: str, name: str) -> None:
         await self.request("DELETE", core_path(resource, namespace, name), ok=(404, 409))
-
-    async def ensure_configmap(self, obj: dict[str, Any]) -> None:
-        """Create, or bring the data of an existing ConfigMap up to date (the spec may have changed
-        while the job was suspended)."""
-        if await self.create("configmaps", obj):
-            return
-        meta = obj["metadata"]
-        current = await self.get("configmaps", meta["namespace"], meta["name"])
-        if current is not None and current.get("data") != obj["data"]:
-            await self.patch("configmaps", meta["namespace"], meta["name"], {"data": obj["data"]})
 
     async def post_event(self, job: dict[str, Any], type_: str, reason: str, message: str) -> None:
         meta = job["metadata"]

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rlhf_trainer import contract
 
 log = logging.getLogger(__name__)
-INT_KEYS = ("step", "totalSteps", "checkpointStep")
+INT_KEYS = ("step", "totalSteps", "checkpointStep", "resumedFromStep")
 
 
 def parse(text: str) -> dict[str, Any]:

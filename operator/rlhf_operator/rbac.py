@@ -29,8 +29,9 @@ NAMESPACED_RULES: list[dict[str, Any]] = [
      "why": "children carry ownerReferences with blockOwnerDeletion (OwnerReferencesPermissionEnforcement)"},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "delete"],
      "why": "run trainer pods, watch their state, stop them on suspend/deadline/failure"},
-    {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["create", "patch"],
-     "why": "create the checkpoint claim; patch its ownerReferences when checkpoint.retainPolicy changes"},
+    {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get", "list", "watch", "create", "patch"],
+     "why": "create the checkpoint claim; watch claims (a lost claim or input fails the job), get one the index "
+            "has not seen yet and check whose it is; patch its ownerReferences when checkpoint.retainPolicy changes"},
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "patch"],
      "why": "the rendered trainer config; refreshed when the spec changed while suspended"},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"],

@@ -3,8 +3,9 @@
 Triggers come from the job's own watch events, its pods' events, its upstream jobs' events and a
 periodic resync (progress scrape, deadlines, TTL). Triggers for a job that is being reconciled are
 coalesced into one more pass, so a burst of pod events costs one or two passes, never a queue.
-Observed pods and upstream jobs come from kopf's in-memory indices (filled before any handler
-runs, so a restarted operator sees every existing child first); the job itself is read fresh.
+Observed pods, claims and upstream jobs come from kopf's in-memory indices (filled before any
+handler runs, so a restarted operator sees every existing child first), with a GET where an index
+may lag behind a fresh object; the job itself is read fresh.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from typing import Any
 import aiohttp
 from rlhf_trainer.config import ConfigError
 
-from rlhf_operator import builders, dependencies, jobspec, metrics, progress
+from rlhf_operator import builders, dependencies, jobspec, metrics, names, progress
 from rlhf_operator import status as status_mod
 from rlhf_operator.crd_schema import KINDS
 from rlhf_operator.kube import ApiError, Kube
+from rlhf_operator.policies import children as child_policy
+from rlhf_operator.policies import running_spec, status_rejection
 from rlhf_operator.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,7 @@ class Reconciler:
         self.kube = kube
         self.job_indices: dict[str, Any] = {}  # kind -> kopf.Index[(namespace, name)] of summaries
         self.pod_index: Any = None  # kopf.Index[(namespace, kind, job)] of PodView
+        self.claim_index: Any = None  # kopf.Index[(namespace, kind, job)] of child_policy.ObjectView
         self.phases = metrics.PhaseTracker()
         self.seen_phases: dict[str, str] = {}  # uid -> phase in the job's latest watch event
         self.session: aiohttp.ClientSession | None = None
@@ -50,6 +54,7 @@ class Reconciler:
         self.kube = self.kube or Kube()
         self.job_indices = {kind: indices[f"{KINDS[kind].plural}_index"] for kind in KINDS}
         self.pod_index = indices["trainer_pods_index"]
+        self.claim_index = indices.get("checkpoint_claims_index")
         self.session = aiohttp.ClientSession()
         self._resync = asyncio.create_task(self._resync_loop())
 
@@ -86,6 +91,35 @@ class Reconciler:
         if self.pod_index is None or key not in self.pod_index:
             return []
         return list(self.pod_index[key])
+
+    async def claim_view(self, namespace: str, kind: str, job: str, claim: str, fresh: bool) -> child_policy.ObjectView | None:
+        """A job's claim from the index; with `fresh`, a GET when the index does not show it (it may lag)."""
+        key = (namespace, kind, job)
+        indexed = self.claim_index[key] if self.claim_index is not None and key in self.claim_index else []
+        view = next((v for v in indexed if v.name == claim), None)
+        if view is not None or not fresh:
+            return view
+        assert self.kube is not None
+        obj = await self.kube.get("persistentvolumeclaims", namespace, claim)
+        return child_policy.object_view(obj) if obj is not None else child_policy.missing(claim)
+
+    async def observe_claims(self, job: dict[str, Any], deps: list[status_mod.DepState], finished: bool) -> child_policy.Observed:
+        """The job's own claim and its inputs' claims. A GET backs the index only where the answer
+        matters: a claim the job recorded (lost?), or one whose ownership is about to change."""
+        meta, kind, old = job["metadata"], job["kind"], job.get("status") or {}
+        cp = old.get("checkpoint") or {}
+        policy_change = cp.get("retainPolicy", "Retain") != ((job.get("spec") or {}).get("checkpoint") or {}).get("retainPolicy", "Retain")
+        claim = names.pvc_name(kind, meta["name"])
+        view = await self.claim_view(meta["namespace"], kind, meta["name"], claim, False)
+        if bool(cp.get("claim")) and (not finished or policy_change) and not child_policy.owns_claim(view, meta["uid"]):
+            view = await self.claim_view(meta["namespace"], kind, meta["name"], claim, True)
+        inputs = {}
+        for d in deps:
+            if d.claim and d.exists:
+                found = await self.claim_view(meta["namespace"], d.kind, d.name, d.claim, True)
+                if found is not None:
+                    inputs[d.claim] = found
+        return child_policy.Observed(claim=view, inputs=inputs)
 
     # --- triggers ----------------------------------------------------------------------------
     async def trigger(self, key: JobKey, scrape: bool = False) -> None:
@@ -152,15 +186,21 @@ class Reconciler:
             return
         job["kind"] = kind
         spec, old = job.get("spec") or {}, job.get("status") or {}
+        run_job = job  # what the pods are built from: a run keeps its spec (policies.running_spec)
+        if running_spec.in_run(old):
+            run_job = {**job, "spec": running_spec.effective_spec(old["runningSpec"], spec)}
         finished = old.get("phase") in ("Succeeded", "Failed")
         deps: list[status_mod.DepState] = []
-        invalid, config_yaml, mounts = None, "", []
+        invalid, cycle, config_yaml, mounts = None, None, "", []
         if not finished:
             deps = dependencies.resolve(kind, spec, self.lookup(namespace))
-            errors = jobspec.validate(kind, name, spec, self.settings.max_gpus_per_pod)
+            loop = dependencies.cycle(kind, name, spec, self.lookup(namespace)) if old.get("attempt") is None else None
+            cycle = dependencies.cycle_message(loop) if loop else None
+            errors = jobspec.check(kind, name, run_job["spec"], self.settings)
             if not errors:
                 try:
-                    cfg, mounts = builders.render_config(job, self.settings, {d.name: d.claim for d in deps if d.claim})
+                    claims = {(d.kind, d.name): d.claim for d in deps if d.claim}
+                    cfg, mounts = builders.render_config(run_job, self.settings, claims)
                     config_yaml = cfg.to_yaml()
                 except ConfigError as e:
                     errors = [str(e)]
@@ -179,22 +219,28 @@ class Reconciler:
             if running is not None:
                 scraped = await progress.scrape(self.session, running.pod_ip, self.settings.trainer_metrics_port)
 
+        observed = await self.observe_claims(job, deps, finished)
         now = dt.datetime.now(dt.UTC)
-        p = status_mod.plan(job, pods, deps, now, invalid, scraped)
+        p = status_mod.plan(job, pods, deps, now, invalid, scraped, cycle, observed, self.settings.restart_backoff_seconds)
         for pod in p.delete_pods:
             await self.kube.delete("pods", namespace, pod)
         if p.create_pod is not None:
-            if not await self._create_children(job, p, config_yaml, mounts, now):
+            made = await self._create_children(run_job, p, config_yaml, mounts, now)
+            if made is False:
                 return
+            if isinstance(made, str):  # an object under a child's name that is not the job's: fail, touch nothing
+                observed = child_policy.Observed(observed.claim, observed.inputs, conflict=made)
+                p = status_mod.plan(job, pods, deps, now, invalid, scraped, cycle, observed, self.settings.restart_backoff_seconds)
+                for pod in p.delete_pods:
+                    await self.kube.delete("pods", namespace, pod)
         if p.claim_owned is not None:
             owners = [builders.owner_reference(job)] if p.claim_owned else None
-            await self.kube.patch("persistentvolumeclaims", namespace, builders.pvc_name(name), {"metadata": {"ownerReferences": owners}})
+            claim = names.pvc_name(kind, name)
+            await self.kube.patch("persistentvolumeclaims", namespace, claim, {"metadata": {"ownerReferences": owners}})
         new = p.status
         if new.get("progress") and new["progress"] != old.get("progress"):
             new["progress"]["updateTime"] = status_mod.fmt_time(now)
-        patch = status_mod.merge_patch(old, new)
-        if patch:
-            await self.kube.patch_job_status(kind, namespace, name, patch)
+        await self._write_status(job, old, new, now)
         for type_, reason, message in p.events:
             self.spawn(self.kube.post_event(job, type_, reason, message))
         self.phases.update(job["metadata"]["uid"], kind, new.get("phase", ""))
@@ -206,26 +252,70 @@ class Reconciler:
         metrics.RECONCILES.labels(kind).inc()
         metrics.RECONCILE_SECONDS.labels(kind).observe(time.perf_counter() - started)
 
+    async def _write_status(self, job: dict[str, Any], old: dict[str, Any], new: dict[str, Any], now: dt.datetime) -> None:
+        """Merge-patch the planned status. A 422 (a value the schema refuses) must not lock the status: write it
+        again without the refused fields, then (last resort) phase and conditions alone (policies.status_rejection)."""
+        assert self.kube is not None
+        kind, meta = job["kind"], job["metadata"]
+        namespace, name, stamp, gen = meta["namespace"], meta["name"], status_mod.fmt_time(now), meta.get("generation")
+        patch = status_mod.merge_patch(old, status_rejection.accepted(new, stamp, gen))
+        if not patch:
+            return
+        try:
+            await self.kube.patch_job_status(kind, namespace, name, patch)
+            return
+        except ApiError as e:
+            if e.status != 422:
+                raise
+            refused = e.body
+        trimmed, message = status_rejection.trimmed(new, refused, stamp, gen)
+        log.warning("%s %s/%s: %s", kind, namespace, name, message)
+        before = next((c for c in old.get("conditions") or [] if c.get("type") == status_rejection.CONDITION), {})
+        if before.get("status") != "True" or before.get("message") != message:
+            self.spawn(self.kube.post_event(job, "Warning", "StatusRejected", message))
+        patch = status_mod.merge_patch(old, trimmed)
+        try:
+            if patch:
+                await self.kube.patch_job_status(kind, namespace, name, patch)
+        except ApiError as e:
+            if e.status != 422:
+                raise
+            log.error("%s %s/%s: status refused again (%s); writing phase and conditions only", kind, namespace, name, e)
+            await self.kube.patch_job_status(kind, namespace, name, {"phase": trimmed.get("phase"),
+                                                                     "conditions": trimmed.get("conditions")})
+
     async def _create_children(self, job: dict[str, Any], p: status_mod.Plan, config_yaml: str,
-                               mounts: list[builders.Mount], now: dt.datetime) -> bool:
-        """Claim, config and pod of the planned attempt; a 409 adopts what is there. On any other
-        API error the job keeps its old status plus a Created=False condition, and is retried."""
+                               mounts: list[builders.Mount], now: dt.datetime) -> bool | str:
+        """Claim, config and pod of the planned attempt. An object already under a child's name is used
+        only if the job created it; else the answer is why not (a conflict: the job fails), or False
+        while it is on its way out. On an API error, or while waiting, the job keeps its old status plus
+        a Created=False condition, and is retried."""
         assert self.kube is not None and p.create_pod is not None
         kind, meta = job["kind"], job["metadata"]
         attempt, restarts = p.create_pod
+        pod = builders.build_pod(job, self.settings, attempt, restarts, builders.config_hash(config_yaml), mounts)
+        cm = builders.build_configmap(job, config_yaml)
+        children = [("persistentvolumeclaims", "claim", builders.build_pvc(job, self.settings)), ("configmaps", "config map", cm),
+                    ("pods", "pod", pod)]
+        created = False
         try:
-            await self.kube.create("persistentvolumeclaims", builders.build_pvc(job, self.settings))
-            await self.kube.ensure_configmap(builders.build_configmap(job, config_yaml))
-            pod = builders.build_pod(job, self.settings, attempt, restarts, builders.config_hash(config_yaml), mounts)
-            created = await self.kube.create("pods", pod)
+            for resource, what, obj in children:
+                existing = await self.kube.create(resource, obj)
+                created = existing is None
+                if created:
+                    continue
+                view = child_policy.object_view(existing) if existing else child_policy.missing(obj["metadata"]["name"])
+                state, why = child_policy.ownership(view, what, kind, meta["name"], meta["uid"], by_label=resource == "persistentvolumeclaims")
+                if not existing or (state == child_policy.OURS and view.deleting):
+                    state, why = child_policy.WAIT, f"{what} {view.name} is being deleted; waiting for it to go"
+                if state == child_policy.CONFLICT:
+                    return why
+                if state == child_policy.WAIT:
+                    return await self._not_created(job, now, "ChildNameInUse", why)
+                if resource == "configmaps" and existing.get("data") != cm["data"]:  # the spec changed while suspended
+                    await self.kube.patch("configmaps", meta["namespace"], view.name, {"data": cm["data"]})
         except ApiError as e:
-            old = job.get("status") or {}
-            conds = status_mod.Conditions(old.get("conditions"), status_mod.fmt_time(now), meta.get("generation"))
-            conds.set("Created", False, "CreateFailed", str(e)[:500])
-            await self.kube.patch_job_status(kind, meta["namespace"], meta["name"], {"conditions": status_mod.prune_empty(conds.items)})
-            self.spawn(self.kube.post_event(job, "Warning", "CreateFailed", str(e)))
-            self.wake_at((meta["namespace"], kind, meta["name"]), time.time() + RETRY_SECONDS * 2)
-            return False
+            return await self._not_created(job, now, "CreateFailed", str(e))
         if created:
             log.info("created pod %s/%s", meta["namespace"], pod["metadata"]["name"])
             if p.restarted:
@@ -234,3 +324,14 @@ class Reconciler:
                 waited = dt.datetime.now(dt.UTC) - p.handoff_from
                 metrics.HANDOFF_SECONDS.labels(kind).observe(max(0.0, waited.total_seconds()))
         return True
+
+    async def _not_created(self, job: dict[str, Any], now: dt.datetime, reason: str, message: str) -> bool:
+        assert self.kube is not None
+        kind, meta = job["kind"], job["metadata"]
+        old = job.get("status") or {}
+        conds = status_mod.Conditions(old.get("conditions"), status_mod.fmt_time(now), meta.get("generation"))
+        conds.set("Created", False, reason, message[:500])
+        await self.kube.patch_job_status(kind, meta["namespace"], meta["name"], {"conditions": status_mod.prune_empty(conds.items)})
+        self.spawn(self.kube.post_event(job, "Warning", reason, message))
+        self.wake_at((meta["namespace"], kind, meta["name"]), time.time() + RETRY_SECONDS * 2)
+        return False

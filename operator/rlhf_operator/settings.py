@@ -65,6 +65,14 @@ class Settings:
     trainer_command: tuple[str, ...] = ()  # override of `python -m rlhf_trainer` (tests use a stand-in)
     resync_seconds: float = 10.0  # progress scrape / deadline / TTL period (must stay <= 30 s)
     max_gpus_per_pod: int = 8
+    restart_backoff_seconds: float = 10.0  # wait before the first restart after a failure; doubles, capped at 6 min
+    # What creating a job may grant (rlhf_operator.grants). Each list entry is exact, or a prefix when it
+    # ends in '/' or ':' (images) or '*' (env names); "*" alone allows anything.
+    allowed_trainer_images: tuple[str, ...] = ()  # besides trainer_image, which is always allowed
+    allow_secret_env: bool = False  # spec.env[].valueFrom.secretKeyRef
+    allowed_env: tuple[str, ...] = ()  # exempt from the code-loading names refused in spec.env
+    allowed_priority_classes: tuple[str, ...] = ()  # spec.scheduling.priorityClassName
+    allowed_toleration_keys: tuple[str, ...] = ("nvidia.com/gpu",)  # spec.scheduling.tolerations[].key
 
 
 def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
@@ -112,6 +120,31 @@ def _json(env: Mapping[str, str], name: str) -> Any:
         return json.loads(raw)
     except json.JSONDecodeError as e:
         raise SettingsError(f"{name}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def _list(env: Mapping[str, str], name: str, default: tuple[str, ...], check: Any = None) -> tuple[str, ...]:
+    """A comma-separated list; `check(item)` returns why an item is malformed, or ""."""
+    if name not in env:
+        return default
+    items = tuple(dict.fromkeys(i.strip() for i in env[name].split(",") if i.strip()))
+    for item in items:
+        why = check(item) if check else ""
+        if any(c.isspace() for c in item) or why:
+            raise SettingsError(f"{name}: bad entry {item!r}: {why or 'no spaces inside an entry'}")
+    return items
+
+
+def _image_entry(item: str) -> str:
+    if item == "*" or item.endswith(("/", ":")):
+        return ""
+    return "" if "*" not in item else "'*' only alone; a prefix ends with '/' or ':' (e.g. registry.example.com/rlhf/)"
+
+
+def _env_entry(item: str) -> str:
+    name = item[:-1] if item.endswith("*") else item
+    if item != "*" and not all(c.isalnum() or c in "_.-" for c in name):
+        return "expected an environment variable name, a prefix ending in '*', or '*'"
+    return ""
 
 
 def _security_contexts(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -171,4 +204,10 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         trainer_command=tuple(command or ()),
         resync_seconds=_float(env, "RLHF_RESYNC_SECONDS", Settings.resync_seconds, 0.5, 30.0),
         max_gpus_per_pod=_int(env, "RLHF_MAX_GPUS_PER_POD", Settings.max_gpus_per_pod, 1, 64),
+        restart_backoff_seconds=_float(env, "RLHF_RESTART_BACKOFF_SECONDS", Settings.restart_backoff_seconds, 0.0, 3600.0),
+        allowed_trainer_images=_list(env, "RLHF_ALLOWED_TRAINER_IMAGES", (), _image_entry),
+        allow_secret_env=_bool(env, "RLHF_ALLOW_SECRET_ENV", False),
+        allowed_env=_list(env, "RLHF_ALLOWED_ENV", (), _env_entry),
+        allowed_priority_classes=_list(env, "RLHF_ALLOWED_PRIORITY_CLASSES", ()),
+        allowed_toleration_keys=_list(env, "RLHF_ALLOWED_TOLERATION_KEYS", Settings.allowed_toleration_keys),
     )

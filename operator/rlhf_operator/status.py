@@ -18,22 +18,25 @@ from typing import Any
 from rlhf_trainer import config as tc
 from rlhf_trainer import contract
 
-from rlhf_operator import builders
+from rlhf_operator import builders, names
 from rlhf_operator.crd_schema import DEFAULT_BACKOFF_LIMIT, KINDS
+from rlhf_operator.policies import children as child_policy
+from rlhf_operator.policies import disruption, oom, restart_backoff, resume_report, running_spec
 
 EXIT_REASONS = {
     contract.EXIT_CONFIG_ERROR: "InvalidConfig",
     contract.EXIT_DATA_ERROR: "DataError",
     contract.EXIT_MODEL_ERROR: "ModelError",
+    contract.EXIT_CHECKPOINT_ERROR: "CheckpointInvalid",
 }
-WARNING_TRANSITIONS = {("Failed", "True"), ("Restarting", "True"), ("PodScheduled", "False")}
+WARNING_TRANSITIONS = {("Failed", "True"), ("Restarting", "True"), ("PodScheduled", "False"), ("SpecChangeRefused", "True")}
 # Transitions worth an Event besides every condition becoming True (PodScheduled=True is the pod's own event).
-EVENT_FALSE_TRANSITIONS = {"PodScheduled", "Suspended", "WaitingForDependencies"}
+EVENT_FALSE_TRANSITIONS = {"PodScheduled", "Suspended", "WaitingForDependencies", "SpecChangeRefused"}
 # status.progress keys that mean something for each stage.
 STAGE_PROGRESS = {
-    "sft": {"step", "totalSteps", "loss", "checkpointStep"},
-    "reward": {"step", "totalSteps", "loss", "accuracy", "checkpointStep"},
-    "ppo": {"step", "totalSteps", "loss", "reward", "kl", "checkpointStep"},
+    "sft": {"step", "totalSteps", "loss", "checkpointStep", "resumedFromStep"},
+    "reward": {"step", "totalSteps", "loss", "accuracy", "checkpointStep", "resumedFromStep"},
+    "ppo": {"step", "totalSteps", "loss", "reward", "kl", "checkpointStep", "resumedFromStep"},
 }
 TERMINAL = ("Succeeded", "Failed")
 
@@ -67,6 +70,10 @@ class PodView:
     message: str = ""  # termination message
     unschedulable: str = ""  # the scheduler's message while the pod cannot be placed
     scheduled: bool = False
+    pod_reason: str = ""  # status.reason of the pod itself (Evicted, Preempting, Shutdown, NodeLost)
+    pod_message: str = ""
+    disruption: str = ""  # "reason: message" of a DisruptionTarget=True condition
+    finished_at: str = ""  # when the trainer container terminated
 
 
 def pod_view(pod: dict[str, Any]) -> PodView:
@@ -74,6 +81,7 @@ def pod_view(pod: dict[str, Any]) -> PodView:
     labels, ann = meta.get("labels") or {}, meta.get("annotations") or {}
     owners = [o.get("uid", "") for o in meta.get("ownerReferences") or [] if o.get("controller")]
     exit_code, reason, message = None, spec_status.get("reason", ""), spec_status.get("message", "")
+    finished_at = ""
     for cs in spec_status.get("containerStatuses") or []:
         if cs.get("name") != builders.CONTAINER:
             continue
@@ -82,8 +90,11 @@ def pod_view(pod: dict[str, Any]) -> PodView:
             exit_code = term.get("exitCode")
             reason = term.get("reason") or reason
             message = (term.get("message") or message or "").strip()
-    unschedulable, scheduled = "", False
+            finished_at = term.get("finishedAt") or ""
+    unschedulable, scheduled, disrupted = "", False, ""
     for cond in spec_status.get("conditions") or []:
+        if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
+            disrupted = ": ".join(x for x in (cond.get("reason"), cond.get("message")) if x) or "DisruptionTarget"
         if cond.get("type") == "PodScheduled":
             scheduled = cond.get("status") == "True"
             if cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
@@ -106,6 +117,10 @@ def pod_view(pod: dict[str, Any]) -> PodView:
         message=message or "",
         unschedulable=unschedulable,
         scheduled=scheduled,
+        pod_reason=spec_status.get("reason") or "",
+        pod_message=spec_status.get("message") or "",
+        disruption=disrupted,
+        finished_at=finished_at,
     )
 
 
@@ -199,9 +214,15 @@ def plan(
     now: dt.datetime,
     invalid: str | None = None,
     progress: dict[str, Any] | None = None,
+    cycle: str | None = None,
+    observed: child_policy.Observed | None = None,
+    backoff_base: float = restart_backoff.DEFAULT_BASE_SECONDS,
 ) -> Plan:
     """Compute the next status and actions. `invalid` is a spec error found before planning;
-    `progress` is freshly scraped trainer progress (status.progress keys)."""
+    `progress` is freshly scraped trainer progress (status.progress keys); `cycle` describes a
+    dependency cycle through this job (dependencies.cycle_message); `observed`: the job's claims
+    and its inputs' claims as seen now (policies.children); `backoff_base`: seconds before the first
+    restart after a failure (policies.restart_backoff)."""
     meta, spec = job["metadata"], job.get("spec") or {}
     old = job.get("status") or {}
     st = copy.deepcopy(old)
@@ -226,7 +247,14 @@ def plan(
             if (value == "True" and ctype != "PodScheduled") or (value == "False" and ctype in EVENT_FALSE_TRANSITIONS):
                 kind = "Warning" if (ctype, value) in WARNING_TRANSITIONS else "Normal"
                 p.events.append((kind, reason, message))
+        if reported := resume_report.event(old.get("progress"), st.get("progress"), st.get("trainerPod", "")):
+            p.events.append(reported)
         return p
+
+    def announce(ctype: str, kind: str, reason: str, message: str) -> None:
+        """An Event for a condition's new message, unless its transition makes one already."""
+        if not any(t[0] == ctype for t in conds.transitions):
+            p.events.append((kind, reason, message))
 
     def fail(reason: str, message: str) -> Plan:
         conds.set("Failed", True, reason, message)
@@ -234,13 +262,16 @@ def plan(
         conds.clear("Restarting", reason, "the job failed")
         st["completionTime"] = fmt_time(now, precise=True)
         st["trainerPod"] = ""
+        st.pop("nextAttemptTime", None)
         p.delete_pods = active
         return finish()
 
     # spec.checkpoint.retainPolicy may change at any time; the claim follows it.
     policy = (spec.get("checkpoint") or {}).get("retainPolicy", "Retain")
     cp = st.get("checkpoint") or {}
-    if cp.get("claim") and cp.get("retainPolicy", "Retain") != policy:
+    own_claim = observed.claim if observed else None
+    claim_ours = child_policy.owns_claim(own_claim, meta.get("uid", ""))  # never own a claim it did not create
+    if cp.get("claim") and cp.get("retainPolicy", "Retain") != policy and claim_ours:
         p.claim_owned = policy == "Delete"
         cp["retainPolicy"] = policy
 
@@ -258,8 +289,17 @@ def plan(
 
     if invalid:
         return fail("InvalidSpec", invalid)
+    if observed and observed.conflict:
+        return fail("ChildNameConflict", observed.conflict)
+    claim_check = child_policy.claim_verdict(
+        job["kind"], meta["name"], meta.get("uid", ""), bool(cp.get("claim")), own_claim,
+        (spec.get("checkpoint") or {}).get("onClaimLoss", "Fail"))
+    if claim_check and claim_check[0] == "fail":
+        return fail(claim_check[1], claim_check[2])
 
     started = st.get("attempt") is not None or bool(own)
+    if cycle and not started:
+        return fail("DependencyCycle", cycle)
     if not started and deps:
         recorded = {(d.get("kind"), d.get("name")): d for d in old.get("dependencies") or []}
         waiting: list[str] = []
@@ -293,9 +333,22 @@ def plan(
         conds.clear("Running", "JobSuspended", "the job is suspended")
         conds.clear("Restarting", "JobSuspended", "the job is suspended")
         conds.clear("PodScheduled", "JobSuspended", "the job is suspended")
+        conds.clear("SpecChangeRefused", "JobSuspended", "the job is suspended: spec changes apply when it resumes")
         st["trainerPod"] = ""
+        st.pop("nextAttemptTime", None)
         return finish()
     resuming = conds.is_true("Suspended")
+
+    # A run keeps the spec it started with; edits of fields it cannot take are refused (policies.running_spec).
+    generation = meta.get("generation")
+    in_run = running_spec.in_run(old)
+    refused = running_spec.refused_fields(old["runningSpec"], spec) if in_run else []
+    if refused:
+        conds.set("SpecChangeRefused", True, "ImmutableWhileRunning",
+                  running_spec.refused_message(refused, generation, old.get("runningGeneration")))
+    elif in_run:
+        st.update(runningSpec=running_spec.snapshot(spec), runningGeneration=generation)
+        conds.clear("SpecChangeRefused", "SpecMatchesRun", f"the trainer runs the current spec (generation {generation})")
 
     deadline = spec.get("activeDeadlineSeconds")
     started_at = parse_time(st.get("startTime"))
@@ -315,41 +368,97 @@ def plan(
     pod = next((x for x in own if x.name == current), None)
     next_attempt = 0 if st.get("attempt") is None else st["attempt"] + 1
 
+    claim_name = names.pvc_name(job["kind"], meta["name"])
+
+    def inputs_lost() -> str:  # checked whenever a pod is to be (re)started
+        return child_policy.lost_input(deps, old.get("dependencies") or [], observed.inputs) if observed else ""
+
     def start(attempt: int, restart_count: int) -> None:
         p.create_pod = (attempt, restart_count)
-        name = builders.pod_name(meta["name"], attempt)
+        name = names.pod_name(job["kind"], meta["name"], attempt)
         st.update(attempt=attempt, trainerPod=name, restartCount=restart_count)
+        st.pop("nextAttemptTime", None)
+        (st.get("progress") or {}).pop(resume_report.KEY, None)  # the new pod reports its own
+        if not in_run:  # a new run takes the spec as it is now
+            st.update(runningSpec=running_spec.snapshot(spec), runningGeneration=generation)
+            conds.clear("SpecChangeRefused", "SpecApplied", f"pod {name} runs the spec of generation {generation}")
         if not st.get("checkpoint", {}).get("claim"):
-            st.setdefault("checkpoint", {}).update(claim=builders.pvc_name(meta["name"]), retainPolicy=policy)
+            st.setdefault("checkpoint", {}).update(claim=claim_name, retainPolicy=policy)
         if resuming or not st.get("startTime"):
             st["startTime"] = stamp
         if not conds.is_true("Created"):
             conds.set("Created", True, "TrainerPodCreated",
-                      f"created claim {builders.pvc_name(meta['name'])}, config {builders.configmap_name(meta['name'])} and pod {name}")
+                      f"created claim {claim_name}, config {names.configmap_name(job['kind'], meta['name'])} and pod {name}")
         if resuming:
-            conds.set("Suspended", False, "JobResumed", f"resumed with pod {name} from the latest checkpoint")
+            conds.set("Suspended", False, "JobResumed", f"resumed with pod {name}")
         if attempt == 0 and deps:
             times = [parse_time(d.completion_time) for d in deps if d.completion_time]
             p.handoff_from = max(times) if times else None
 
-    def replace(why: str, exit_code: int | None) -> Plan:
+    def replace(why: str, exit_code: int | None, failed_at: str = "") -> Plan:
         if exit_code in contract.PERMANENT_EXIT_CODES:
             return fail(EXIT_REASONS[exit_code], f"{why}; this error is permanent, fix the spec or the inputs")
         if restarts >= backoff:
             return fail("BackoffLimitExceeded", f"{why}; spec.backoffLimit ({backoff}) restarts used up")
-        start(next_attempt, restarts + 1)
-        p.restarted = True
-        new = builders.pod_name(meta["name"], next_attempt)
-        conds.set("Restarting", True, "PodFailed",
-                  f"{why}; started {new} (restart {restarts + 1} of {backoff}), resuming from the latest checkpoint")
+        if lost := inputs_lost():
+            return fail("DependencyDeleted", f"{why}; {lost}")
+        n, wait = restarts + 1, restart_backoff.delay_seconds(restarts + 1, backoff_base)
         conds.clear("Running", "PodFailed", why)
+        due = parse_time(st.get("nextAttemptTime"))
+        if any(x.attempt == next_attempt for x in own):  # made by a pass whose status write was lost: adopt it
+            due = now
+        elif due is None:  # first sight of this failure: the back-off counts from the pod's end
+            due = restart_backoff.next_attempt(parse_time(failed_at) or now, n, backoff_base)
+            st["nextAttemptTime"] = fmt_time(due, precise=True)
+        if now < due:
+            conds.set("Restarting", True, "PodFailed",
+                      f"{why}; restart {n} of {backoff} at {fmt_time(due)} (back-off {wait:g}s)")
+            p.requeue_at = min(p.requeue_at or due, due)
+            return finish()
+        start(next_attempt, n)
+        p.restarted = True
+        conds.set("Restarting", True, "PodFailed", f"{why}; started {st['trainerPod']} (restart {n} of {backoff})")
+        announce("Restarting", "Normal", "TrainerRestarted",
+                 f"started {st['trainerPod']} (restart {n} of {backoff}) after a {wait:g}s back-off")
         return finish()
 
+    def replace_disrupted(why: str) -> Plan:
+        """A disruption (policies.disruption): a new pod at once, restarts not used."""
+        if lost := inputs_lost():
+            return fail("DependencyDeleted", f"{why}; {lost}")
+        count = (st.get("disruptionCount") or 0) + 1
+        st["disruptionCount"] = count
+        start(next_attempt, restarts)
+        message = disruption.announce(why, st["trainerPod"], count)
+        conds.set("Restarting", True, "PodDisrupted", message)
+        conds.clear("Running", "PodDisrupted", why)
+        announce("Restarting", "Warning", "PodDisrupted", message)
+        return finish()
+
+    if claim_check:  # a claim in the way is going away, or (onClaimLoss StartOver) the job's own claim is
+        p.delete_pods, soon = active, now + dt.timedelta(seconds=5)
+        p.requeue_at = min(p.requeue_at or soon, soon)
+        action, reason, message = claim_check
+        if action == "wait":
+            conds.set("Created", False, reason, message)
+            return finish()
+        conds.set("Restarting", True, reason, message)
+        conds.clear("Running", reason, message)
+        if not (own_claim and own_claim.exists) and not active and not any(x.deleting for x in own):
+            st.pop("progress", None)
+            st["checkpoint"] = {}  # start() records the new claim
+            start(next_attempt, restarts)
+            p.events.append(("Warning", reason, f"starting over from step 0 with a new claim {claim_name} and pod {st['trainerPod']}"))
+        return finish()
     if current and pod is None:
-        return replace(f"trainer pod {current} disappeared", None)
+        if st.get("nextAttemptTime"):  # a failed pod removed while its replacement waits out the back-off
+            return replace(f"trainer pod {current} failed (and was then removed)", None)
+        return replace_disrupted(disruption.disruption(None, current) or "")
     if pod is None:
         # A stopping pod (suspend) may still be writing its SIGTERM checkpoint: start after it is gone.
         if not any(x.deleting for x in own):
+            if lost := inputs_lost():
+                return fail("DependencyDeleted", lost)
             start(next_attempt, restarts)
         return finish()
     if pod.deleting:
@@ -371,17 +480,22 @@ def plan(
             if final.get("checkpointStep") is not None:
                 st.setdefault("checkpoint", {})["latestStep"] = final["checkpointStep"]
         conds.set("Succeeded", True, "TrainingComplete", f"trainer pod {pod.name} finished; the model is in "
-                  f"claim {builders.pvc_name(meta['name'])} at {tc.FINAL_SUBDIR}/")
+                  f"claim {claim_name} at {tc.FINAL_SUBDIR}/")
         conds.clear("Running", "TrainingComplete", "the trainer finished")
         conds.clear("Restarting", "TrainingComplete", "the trainer finished")
         st["completionTime"] = fmt_time(now, precise=True)
-        st["output"] = {"claim": builders.pvc_name(meta["name"]), "path": tc.FINAL_SUBDIR}
+        st["output"] = {"claim": claim_name, "path": tc.FINAL_SUBDIR}
         return finish()
     elif pod.phase == "Failed":
+        if disrupted := disruption.disruption(pod, pod.name):
+            return replace_disrupted(disrupted)
+        if oom.is_oom(pod):
+            kept = (st.get("checkpoint") or {}).get("claim", claim_name) if policy == "Retain" else ""
+            return fail(oom.REASON, oom.message(pod.name, pod.exit_code, spec, kept))
         code = f"exit code {pod.exit_code}" if pod.exit_code is not None else (pod.reason or "no exit code")
         detail = f" ({pod.reason})" if pod.reason and pod.exit_code is not None and pod.reason != "Error" else ""
         msg = f": {short_message(pod.message)}" if pod.message else ""
-        return replace(f"trainer pod {pod.name} failed with {code}{detail}{msg}", pod.exit_code)
+        return replace(f"trainer pod {pod.name} failed with {code}{detail}{msg}", pod.exit_code, pod.finished_at)
     return finish()
 
 
@@ -432,5 +546,5 @@ def final_progress(message: str) -> dict[str, Any]:
     for key, metric in contract.PROGRESS_FIELDS.items():
         value = data.get(metric)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[key] = int(value) if key in ("step", "totalSteps", "checkpointStep") else float(value)
+            out[key] = int(value) if key in ("step", "totalSteps", "checkpointStep", "resumedFromStep") else float(value)
     return out

@@ -41,7 +41,7 @@ def admission_errors(
         if old_spec == spec:
             return []  # metadata-only change
         errors += jobspec.update_errors(old_spec, spec, old.get("status") or {})
-    errors += jobspec.validate(kind, meta.get("name", ""), spec, settings.max_gpus_per_pod)
+    errors += jobspec.check(kind, meta.get("name", ""), spec, settings)
     if not errors:
         job = {"kind": kind, "metadata": {"name": meta.get("name") or "x", "namespace": meta.get("namespace", ""), "uid": ""},
                "spec": spec}
@@ -50,6 +50,8 @@ def admission_errors(
         except ConfigError as e:
             errors.append(str(e))
     errors += dependencies.wrong_kind_errors(kind, spec, lookup)
+    if old is None or not jobspec.is_finished(old.get("status") or {}):  # a failed cycle's jobs stay editable (TTL)
+        errors += dependencies.cycle_errors(kind, meta.get("name", ""), spec, lookup)
     return errors
 
 

@@ -34,6 +34,9 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "trainer": {"image": {"repository": "registry.example.com/ml/rlhf-trainer", "digest": "sha256:" + "ab" * 32}},
     },
     "minimal": {"webhook": {"enabled": False}, "grafana": {"dashboard": {"enabled": False}}},
+    "open-grants": {"trainer": {"allowedImages": ["registry.example.com/ml/", "ghcr.io/team/trainer:"], "allowSecretEnv": True,
+                                "allowedEnv": ["TORCH_EXTENSIONS_DIR", "NCCL_*"], "allowedPriorityClasses": ["training-high"],
+                                "allowedTolerationKeys": []}},
 }
 
 

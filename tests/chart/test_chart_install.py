@@ -16,6 +16,7 @@ import helm_python as helm
 import pytest
 import yaml
 from chart_helpers import CHART_DIR, ROOT
+from rlhf_operator import names
 
 STANDIN_TRAINER = ROOT / "tests" / "support" / "standin_trainer.py"
 # The Deployment's pod cannot run here (no image registry, no container runtime): keep it unscheduled, and
@@ -248,8 +249,8 @@ def test_cluster_wide_install_runs_a_job_with_only_the_chart_permissions(cluster
         core, rbac, jobs = client.CoreV1Api(sa), client.RbacAuthorizationV1Api(sa), client.CustomObjectsApi(sa)
         # Everything the Roles do not list is refused by the real API server.
         assert "cannot list resource \"secrets\"" in _denied(lambda: core.list_namespaced_secret(namespace))
-        _denied(lambda: core.delete_namespaced_persistent_volume_claim("sft-rbac-checkpoints", namespace))
-        _denied(lambda: core.delete_namespaced_config_map("sft-rbac-config", namespace))
+        _denied(lambda: core.delete_namespaced_persistent_volume_claim(names.pvc_name("SFTJob", "sft-rbac"), namespace))
+        _denied(lambda: core.delete_namespaced_config_map(names.configmap_name("SFTJob", "sft-rbac"), namespace))
         _denied(lambda: jobs.patch_namespaced_custom_object("rlhf.io", "v1alpha1", namespace, "sftjobs", "sft-rbac",
                                                             {"spec": {"suspend": True}}))
         _denied(lambda: rbac.create_cluster_role_binding({

@@ -133,6 +133,11 @@ def test_operator_parses_the_settings_the_values_ask_for(chart, rendered, value_
     assert settings.checkpoint_storage_class == op["checkpoint"]["storageClass"]
     assert settings.trainer_metrics_port == values["trainer"]["metricsPort"]
     assert settings.trainer_image == _env(container)["RLHF_TRAINER_IMAGE"]
+    trainer = values["trainer"]
+    assert settings.allowed_trainer_images == tuple(trainer["allowedImages"])
+    assert settings.allow_secret_env is trainer["allowSecretEnv"] and settings.allowed_env == tuple(trainer["allowedEnv"])
+    assert settings.allowed_priority_classes == tuple(trainer["allowedPriorityClasses"])
+    assert settings.allowed_toleration_keys == tuple(trainer["allowedTolerationKeys"])
     assert settings.webhook_enabled is webhook["enabled"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["metrics"] == settings.metrics_port and ports["health"] == settings.health_port
@@ -367,6 +372,9 @@ def test_notes_tell_what_to_apply_next(chart):
         ({"prometheusRule": {"alerts": {"klHigh": {"threshold": -1}}}}, "/prometheusRule/alerts/klHigh/threshold",
          "exclusiveMinimum"),
         ({"webhook": {"enabled": "yes"}}, "/webhook/enabled", "want boolean"),
+        ({"trainer": {"allowedImages": ["registry.example.com/*"]}}, "/trainer/allowedImages/0", "pattern"),
+        ({"trainer": {"allowSecretEnv": "no"}}, "/trainer/allowSecretEnv", "want boolean"),
+        ({"trainer": {"allowedEnv": "PYTHONPATH"}}, "/trainer/allowedEnv", "want array"),
     ],
 )
 def test_schema_refuses_bad_values_naming_the_key(chart, values, where, why):

@@ -28,6 +28,7 @@ from e2e_helpers import (
     wait_phase,
 )
 from kubernetes.client.rest import ApiException
+from rlhf_operator import names
 
 REJECTED = "rejected"  # by the API server at apply time (422)
 UNSCHEDULABLE = "Unschedulable"  # PodScheduled=False with the scheduler's reason
@@ -72,6 +73,16 @@ BAD: list[Bad] = [
     Bad("fromjob-kind-enum", "RewardModelJob", {"model": {"fromJob": {"name": "x", "kind": "Job"}}}, REJECTED,
         ("spec.model.fromJob.kind",)),
     Bad("memory-quantity", "SFTJob", {"resources.memory": "lots"}, REJECTED, ("spec.resources.memory",)),
+    Bad("max-steps-int64", "SFTJob", {"training.maxSteps": 2**63 - 1}, REJECTED,
+        ("spec.training.maxSteps", "less than or equal to 10000000")),
+    # --- paths that would leave their volume (the schema's patterns; jobspec and builders refuse them too) ----
+    Bad("claim-path-traversal", "SFTJob", {"model": {"claim": "inputs", "path": "../../../etc/passwd"}}, REJECTED,
+        ("spec.model.path",)),
+    Bad("tokenizer-traversal", "SFTJob", {"model.claim": "inputs", "model.tokenizerPath": "tok/../../x"}, REJECTED,
+        ("spec.model.tokenizerPath",)),
+    Bad("configmap-key-traversal", "SFTJob", {"dataset.configMap.key": "../../etc/passwd"}, REJECTED,
+        ("spec.dataset.configMap.key",)),
+    Bad("dataset-claim-traversal", "SFTJob", {"dataset": {"claim": "inputs", "path": "a/../../b"}}, REJECTED, ("spec.dataset.path",)),
     # --- rules beyond the schema (the webhook's rules; without it an InvalidSpec condition) ------------
     Bad("fromjob-wrong-kind", "PPOJob", {"rewardModel": {"fromJob": {"name": "policy", "kind": "SFTJob"}}}, "InvalidSpec",
         ("spec.rewardModel.fromJob.kind", "SFTJob cannot be used as rewardModel")),
@@ -94,6 +105,13 @@ BAD: list[Bad] = [
     Bad("reserved-env", "SFTJob", {"env": [{"name": "RLHF_CONFIG", "value": "/tmp/x.yaml"}]}, "InvalidSpec",
         ("spec.env[0].name: RLHF_CONFIG is set by the operator",)),
     Bad("long-name", "SFTJob", {}, "InvalidSpec", ("metadata.name: at most 63 characters",), job_name=LONG_NAME),
+    # --- what a job may grant (operator settings; default: the trainer image only, no Secrets, no code-loading env)
+    Bad("image-not-allowed", "SFTJob", {"image": "docker.io/evil/miner:1"}, "InvalidSpec",
+        ("spec.image: 'docker.io/evil/miner:1' is not an allowed trainer image",)),
+    Bad("pythonpath-env", "SFTJob", {"env": [{"name": "PYTHONPATH", "value": "/mnt/claims/x"}]}, "InvalidSpec",
+        ("spec.env[0].name: PYTHONPATH changes which code the trainer runs",)),
+    Bad("secret-env", "SFTJob", {"env": [{"name": "T", "valueFrom": {"secretKeyRef": {"name": "db", "key": "pw"}}}]},
+        "InvalidSpec", ("spec.env[0].valueFrom.secretKeyRef: jobs may not read Secrets",)),
     # --- the scheduler ---------------------------------------------------------------------------------
     Bad("more-gpus-than-any-node", "SFTJob", {"resources.gpus": 8}, UNSCHEDULABLE, ("Insufficient nvidia.com/gpu",)),
     # --- files, found by the real trainer ------------------------------------------------------------
@@ -222,7 +240,7 @@ def outcome_problems(jobs, case: Bad, cond: dict[str, Any] | None, pods: list[st
         problems.append(f"{case.name}: condition message does not say {case.says}: {cond['message']}")
     if case.outcome == UNSCHEDULABLE and (phase := jobs.status(case.kind, name).get("phase")) != "Pending":
         problems.append(f"{case.name}: phase {phase}, expected Pending")
-    mine = [p for p in pods if p.startswith(f"{name}-trainer-")]
+    mine = [p for p in pods if p.startswith(names.pod_name(case.kind, name, 0)[:-1])]
     expected = 0 if case.outcome == "InvalidSpec" else 1  # permanent errors are not retried
     if len(mine) != expected:
         problems.append(f"{case.name}: trainer pods {mine}, expected {expected}")
@@ -245,7 +263,7 @@ def test_bad_specs_and_files(real_operator, jobs):
     assert not problems, "\n".join(problems)
 
     st = wait_phase(jobs, "SFTJob", "healthy", "Succeeded", 240)
-    assert st["restartCount"] == 0 and [p.metadata.name for p in jobs.pods("healthy")] == ["healthy-trainer-0"]
+    assert st["restartCount"] == 0 and [p.metadata.name for p in jobs.pods("healthy")] == [names.pod_name("SFTJob", "healthy", 0)]
     assert st["progress"]["step"] == 600
     reasons = lambda: {e.reason for e in jobs.core.list_namespaced_event(jobs.ns).items}  # noqa: E731
     wait_for("an event per failure kind", lambda: {"InvalidSpec", "DataError", "ModelError", "InvalidConfig"} <= reasons(), 30)

@@ -38,6 +38,7 @@ from e2e_helpers import (
     wait_phase,
     wait_status,
 )
+from rlhf_operator.names import pod_name, pvc_name
 from rlhf_trainer import config as tc
 from rlhf_trainer.runtime.checkpoint import META_FILE, CheckpointManager
 
@@ -61,22 +62,47 @@ def test_sigkilled_trainer_resumes_from_latest_checkpoint(real_operator, jobs, c
     data = seed_data(jobs)
     steps, every = 200, 10
     jobs.create("SFTJob", "crash", real_spec(data["sft"], steps=steps, every=every))
-    out = wait_for("the checkpoint claim", lambda: claim_dir(jobs, "crash-checkpoints"), 60)
+    out = wait_for("the checkpoint claim", lambda: claim_dir(jobs, pvc_name("SFTJob", "crash")), 60)
     wait_status(jobs, "SFTJob", "crash", "a checkpoint at step >= 20", lambda _: latest_checkpoint_step(out) >= 20, 180, 0.1)
-    os.kill(wait_for("the trainer process", lambda: trainer_pid(jobs.ns, "crash-trainer-0"), 10), signal.SIGKILL)
+    os.kill(wait_for("the trainer process", lambda: trainer_pid(jobs.ns, pod_name("SFTJob", "crash", 0)), 10), signal.SIGKILL)
     at_kill = latest_checkpoint_step(out)  # the dead process can write no more; the new pod has not started
 
     st = wait_phase(jobs, "SFTJob", "crash", "Succeeded", 240)
-    assert st["restartCount"] == 1 and st["trainerPod"] == "crash-trainer-1", st
+    assert st["restartCount"] == 1 and st["trainerPod"] == pod_name("SFTJob", "crash", 1), st
     killed = [e.message for e in jobs.events("crash") if e.reason == "PodFailed"]
-    assert len(killed) == 1 and "crash-trainer-0 failed with exit code 137" in killed[0], killed
-    first, second = (pod_log(cluster, jobs.ns, f"crash-trainer-{i}") for i in (0, 1))
+    assert len(killed) == 1 and f"{pod_name('SFTJob', 'crash', 0)} failed with exit code 137" in killed[0], killed
+    first, second = (pod_log(cluster, jobs.ns, pod_name("SFTJob", "crash", i)) for i in (0, 1))
     before, after = logged_steps(first), logged_steps(second)
     assert before[0] == 1 and at_kill <= max(before) < steps, (at_kill, before[-3:])  # killed mid-run
     assert resumed_step(second) == at_kill, second[:3000]
+    assert st["progress"]["resumedFromStep"] == at_kill, st["progress"]  # as the trainer reported it
+    resumed = [e.message for e in jobs.events("crash") if e.reason == "ResumedFromCheckpoint"]
+    assert resumed == [f"trainer pod {st['trainerPod']} resumed from step {at_kill} (checkpoint restored)"], resumed
     assert after[0] == at_kill + 1 and after[-1] == steps, (at_kill, after[:3])  # not from step 0
     meta = json.loads((out / "final" / tc.METADATA_FILE).read_text())
     assert meta["steps"] == steps and meta["job"]["name"] == "crash"
+    assert_operator_healthy(real_operator)
+
+
+@pytest.mark.slow
+def test_deleted_trainer_pod_is_a_disruption_and_resumes_from_its_sigterm_checkpoint(real_operator, jobs, cluster):
+    """What a node drain does: the pod is deleted, the trainer checkpoints on SIGTERM, the replacement resumes
+    there, and with backoffLimit 0 the job still succeeds (a disruption is not a failure)."""
+    data = seed_data(jobs)
+    steps = 200
+    jobs.create("SFTJob", "drained", real_spec(data["sft"], steps=steps, every=steps, backoffLimit=0))
+    first = pod_name("SFTJob", "drained", 0)
+    wait_status(jobs, "SFTJob", "drained", "training past step 10",
+                lambda st: st.get("phase") == "Running" and st.get("progress", {}).get("step", 0) >= 10, 180, 0.2)
+    jobs.core.delete_namespaced_pod(first, jobs.ns)
+    st = wait_phase(jobs, "SFTJob", "drained", "Succeeded", 300)
+    assert st["restartCount"] == 0 and st["disruptionCount"] == 1 and st["trainerPod"] == pod_name("SFTJob", "drained", 1), st
+    disrupted = [e.message for e in jobs.events("drained") if e.reason == "PodDisrupted"]
+    assert len(disrupted) == 1 and f"trainer pod {first} was deleted" in disrupted[0], disrupted
+    second = pod_log(cluster, jobs.ns, pod_name("SFTJob", "drained", 1))
+    restored = resumed_step(second)
+    assert restored is not None and restored >= 10, second[:3000]  # the SIGTERM checkpoint (no periodic one)
+    assert st["progress"]["resumedFromStep"] == restored and logged_steps(second)[0] == restored + 1
     assert_operator_healthy(real_operator)
 
 
@@ -193,16 +219,16 @@ def test_suspend_and_resume_keep_progress(real_operator, jobs, cluster):
     at_suspend = running["progress"]["step"]
     wait_phase(jobs, "SFTJob", "pause", "Suspended", 30)
     wait_for("the trainer pod gone", lambda: jobs.pods("pause") == [], 120, 0.5)
-    out = jobs.claim_dir("pause-checkpoints")
+    out = jobs.claim_dir(pvc_name("SFTJob", "pause"))
     saved = latest_checkpoint_step(out)  # written on SIGTERM at the step the trainer had reached
-    first = pod_log(cluster, jobs.ns, "pause-trainer-0")
+    first = pod_log(cluster, jobs.ns, pod_name("SFTJob", "pause", 0))
     assert "SIGTERM received" in first and saved >= at_suspend and saved < steps, (saved, at_suspend)
     assert max(logged_steps(first)) == saved
 
     jobs.patch("SFTJob", "pause", {"spec": {"suspend": False}})
     st = wait_phase(jobs, "SFTJob", "pause", "Succeeded", 240)
-    assert st["restartCount"] == 0 and st["trainerPod"] == "pause-trainer-1" and st["progress"]["step"] == steps, st
-    second = pod_log(cluster, jobs.ns, "pause-trainer-1")
+    assert st["restartCount"] == 0 and st["trainerPod"] == pod_name("SFTJob", "pause", 1) and st["progress"]["step"] == steps, st
+    second = pod_log(cluster, jobs.ns, pod_name("SFTJob", "pause", 1))
     assert resumed_step(second) == saved, second[:3000]
     after = logged_steps(second)
     assert after[0] == saved + 1 >= at_suspend + 1 and after[-1] == steps, after[:3]
@@ -236,13 +262,13 @@ def test_operator_killed_mid_ppo_and_restarted(operator_factory, jobs, cluster):
     second = operator_factory(**REAL_TRAINER)
 
     st = wait_phase(jobs, "PPOJob", "ppo", "Succeeded", 300)
-    assert [p.metadata.name for p in jobs.pods("ppo")] == ["ppo-trainer-0"]  # adopted, no duplicate
-    assert [p.metadata.name for p in jobs.pods("rm")] == ["rm-trainer-0"]
+    assert [p.metadata.name for p in jobs.pods("ppo")] == [pod_name("PPOJob", "ppo", 0)]  # adopted, no duplicate
+    assert [p.metadata.name for p in jobs.pods("rm")] == [pod_name("RewardModelJob", "rm", 0)]
     assert st["restartCount"] == 0 and st["attempt"] == 0 and st["progress"]["step"] == steps, st
-    log = pod_log(cluster, jobs.ns, "ppo-trainer-0")
+    log = pod_log(cluster, jobs.ns, pod_name("PPOJob", "ppo", 0))
     iterations = logged_steps(log)
     assert resumed_step(log) is None and iterations == list(range(1, steps + 1)), iterations  # one uninterrupted run
     assert {"reward", "kl"} <= set(st["progress"]), st["progress"]
-    meta = json.loads((jobs.claim_dir("ppo-checkpoints") / "final" / tc.METADATA_FILE).read_text())
+    meta = json.loads((jobs.claim_dir(pvc_name("PPOJob", "ppo")) / "final" / tc.METADATA_FILE).read_text())
     assert meta["steps"] == steps and meta["inputs"]["jobs"] == {"rm": "/inputs/rm/final"}
     assert_operator_healthy(second)

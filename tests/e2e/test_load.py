@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import pytest
 from e2e_helpers import assert_operator_healthy, conditions, metric_value, op, wait_for
+from rlhf_operator.names import pod_name, pvc_name
 
 N_JOBS = 100
 STEPS = 3
@@ -87,9 +88,9 @@ def test_hundred_jobs_at_once(operator_factory, jobs):
     assert phases == {"Succeeded": N_JOBS}, phases
     for name, obj in done.items():  # no lost status: every field of a finished job is there
         st = obj["status"]
-        assert st["trainerPod"] == f"{name}-trainer-0" and st["attempt"] == 0 and st["restartCount"] == 0, (name, st)
+        assert st["trainerPod"] == pod_name(names[name], name, 0) and st["attempt"] == 0 and st["restartCount"] == 0, (name, st)
         assert st["progress"]["step"] == st["progress"]["totalSteps"] == STEPS, (name, st)
-        assert st["output"] == {"claim": f"{name}-checkpoints", "path": "final"}, (name, st)
+        assert st["output"] == {"claim": pvc_name(names[name], name), "path": "final"}, (name, st)
         assert st["observedGeneration"] == 1 and st["startTime"] and st["completionTime"], (name, st)
         assert st["checkpoint"]["latestStep"] == STEPS, (name, st)
         conds = conditions(st)
@@ -99,10 +100,10 @@ def test_hundred_jobs_at_once(operator_factory, jobs):
     pods = jobs.core.list_namespaced_pod(jobs.ns, label_selector="app.kubernetes.io/managed-by=rlhf-operator").items
     per_job = Counter(p.metadata.labels["rlhf.io/job"] for p in pods)
     assert per_job == Counter(list(names)), {j: n for j, n in per_job.items() if n != 1}  # exactly one pod per job
-    assert {p.metadata.name for p in pods} == {f"{n}-trainer-0" for n in names}
+    assert {p.metadata.name for p in pods} == {pod_name(k, n, 0) for n, k in names.items()}
     assert {p.status.phase for p in pods} == {"Succeeded"}
     claims = jobs.core.list_namespaced_persistent_volume_claim(jobs.ns).items
-    assert sorted(c.metadata.name for c in claims) == sorted(f"{n}-checkpoints" for n in names)
+    assert sorted(c.metadata.name for c in claims) == sorted(pvc_name(k, n) for n, k in names.items())
 
     text = operator.metrics()
     for kind in KINDS:

@@ -19,10 +19,12 @@ import tiny_runs
 import yaml
 from monitoring_helpers import ROOT, Monitoring, render_monitoring
 from prometheus_server import Prometheus, PromQLError, free_port
+from rlhf_operator import names
 
 pytestmark = pytest.mark.slow
 
 JOBS = {"reward": ("team-a", "rm-hh"), "ppo": ("team-b", "ppo-hh")}  # stage -> (namespace, RLHF job name)
+STAGE_KINDS = {"reward": "RewardModelJob", "ppo": "PPOJob"}
 PER_JOB_ROWS = {"Job progress", "Reward model", "PPO"}
 FLEET_ROW = "Fleet (operator)"
 RATE_INTERVAL = "5s"  # Grafana's $__rate_interval for a 1 s scrape interval (4 x interval, rounded up)
@@ -53,7 +55,7 @@ def scrape_configs(mon: Monitoring, trainer_ports: dict[str, int], operator_port
         "static_configs": [
             {"targets": [f"127.0.0.1:{port}"],
              "labels": {"job": f"{pm['metadata']['namespace']}/{pm['metadata']['name']}",
-                        "namespace": JOBS[stage][0], "pod": f"{JOBS[stage][1]}-trainer-0"}}
+                        "namespace": JOBS[stage][0], "pod": names.pod_name(STAGE_KINDS[stage], JOBS[stage][1], 0)}}
             for stage, port in trainer_ports.items()
         ],
     }

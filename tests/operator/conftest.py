@@ -62,6 +62,7 @@ class Operator:
             "RLHF_HEALTH_PORT": "0",
             "RLHF_RESYNC_SECONDS": "1",
             "RLHF_CHECKPOINT_SIZE": "1Gi",
+            "RLHF_RESTART_BACKOFF_SECONDS": "1",  # restarts after a failure: 1 s, 2 s, 4 s ... (default 10 s)
             "PYTHONUNBUFFERED": "1",
             **settings,
         }

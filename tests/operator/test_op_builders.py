@@ -26,9 +26,9 @@ def test_single_gpu_pod():
     j = job(spec={"model": {"path": "/m"}, "dataset": {"path": "/d.jsonl"}, "resources": {"cpu": "2", "memory": "4Gi"}})
     _, pod = build(j, attempt=2, restarts=1)
     spec, c = pod["spec"], pod["spec"]["containers"][0]
-    assert pod["metadata"]["name"] == "j-trainer-2"
+    assert pod["metadata"]["name"] == "j-sft-trainer-2"
     assert pod["metadata"]["labels"] == {**builders.labels("SFTJob", "j"), builders.LABEL_ATTEMPT: "2",
-                                         "app.kubernetes.io/name": "rlhf-trainer"}
+                                         builders.LABEL_JOB_UID: "uid-j", "app.kubernetes.io/name": "rlhf-trainer"}
     assert pod["metadata"]["labels"][builders.LABEL_STAGE] == "sft"
     assert pod["metadata"]["annotations"][builders.ANN_RESTART_COUNT] == "1"
     assert pod["metadata"]["ownerReferences"] == [{"apiVersion": "rlhf.io/v1alpha1", "kind": "SFTJob", "name": "j",
@@ -46,8 +46,8 @@ def test_single_gpu_pod():
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     assert mounts["/ckpt"].get("readOnly") is not True and mounts["/etc/rlhf"]["readOnly"] is True
     vols = {v["name"]: v for v in spec["volumes"]}
-    assert vols["checkpoints"]["persistentVolumeClaim"]["claimName"] == "j-checkpoints"
-    assert vols["config"]["configMap"]["name"] == "j-config"
+    assert vols["checkpoints"]["persistentVolumeClaim"]["claimName"] == "j-sft-checkpoints"
+    assert vols["config"]["configMap"]["name"] == "j-sft-config"
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
 
 
@@ -89,7 +89,8 @@ def test_from_job_inputs_are_mounted_read_only_and_config_points_at_final():
     assert all(m["readOnly"] for m in inputs.values())
     claims = {v["persistentVolumeClaim"]["claimName"]: v["persistentVolumeClaim"]["readOnly"]
               for v in pod["spec"]["volumes"] if v["name"].startswith("input-")}
-    assert claims == {"sft-checkpoints": True, "rm-checkpoints": True, "data": True}
+    # Without an upstream status to go by, the claim names come from rlhf_operator.names (kind included).
+    assert claims == {"sft-sft-checkpoints": True, "rm-rm-checkpoints": True, "data": True}
 
 
 def test_configmap_round_trips_through_the_trainer_parser():
@@ -109,7 +110,8 @@ def test_configmap_round_trips_through_the_trainer_parser():
     assert parsed.deepspeed.zero_stage == 2 and parsed.deepspeed.bf16
     assert parsed.checkpoint.dir == "/ckpt" and parsed.checkpoint.every_steps == 3 and parsed.checkpoint.keep_last == 4
     assert parsed.metrics.port == S.trainer_metrics_port
-    assert cm["metadata"]["name"] == "rm-config" and cm["metadata"]["ownerReferences"][0]["uid"] == "uid-rm"
+    assert cm["metadata"]["name"] == "rm-rm-config" and cm["metadata"]["ownerReferences"][0]["uid"] == "uid-rm"
+    assert cm["metadata"]["labels"][builders.LABEL_JOB_UID] == "uid-rm"
 
 
 def test_trainer_errors_are_reported_with_the_crd_field():
@@ -126,8 +128,9 @@ def test_pvc_retain_policy(policy, owned):
     if policy:
         cp["retainPolicy"] = policy
     pvc = builders.build_pvc(job(spec={"model": {"path": "/m"}, "dataset": {"path": "/d"}, "checkpoint": cp}), S)
-    assert pvc["metadata"]["name"] == "j-checkpoints"
+    assert pvc["metadata"]["name"] == "j-sft-checkpoints"
     assert ("ownerReferences" in pvc["metadata"]) is owned
+    assert pvc["metadata"]["labels"][builders.LABEL_JOB_UID] == "uid-j"  # whose it is, even without an owner
     assert pvc["spec"] == {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "5Gi"}}, "storageClassName": "fast"}
 
 
@@ -180,3 +183,43 @@ def test_empty_strings_in_the_spec_mean_unset():
     assert cfg.model.path == "/m" and not cfg.model.hub_id and not cfg.model.tokenizer_path
     assert pod["spec"]["containers"][0]["image"] == S.trainer_image
     assert not [v for v in pod["spec"]["volumes"] if v["name"].startswith("input-")]
+
+
+def test_upstream_claims_come_from_the_upstream_status_by_kind_and_name():
+    """A consumer mounts the claim its upstream recorded (status.output.claim), keyed by (kind, name)."""
+    j = job("PPOJob", "p", spec={"actor": {"fromJob": {"name": "x"}}, "rewardModel": {"fromJob": {"name": "y"}},
+                                 "dataset": {"path": "/d"}})
+    recorded = {("SFTJob", "x"): "kept-sft", ("RewardModelJob", "y"): "kept-rm", ("SFTJob", "y"): "not-this-one"}
+    _, mounts = builders.render_config(j, S, recorded)
+    assert {m.path: m.volume["persistentVolumeClaim"]["claimName"] for m in mounts} == {"/inputs/x": "kept-sft", "/inputs/y": "kept-rm"}
+
+
+@pytest.mark.parametrize("name", ["dup", "a" * 63, "a.b", "x" * 40 + "-" + "y" * 22])
+def test_child_names_are_unique_per_kind_and_valid_labels(name):
+    import re
+
+    from rlhf_operator import names
+
+    label = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    made = {kind: [names.pvc_name(kind, name), names.configmap_name(kind, name), names.pod_name(kind, name, 0),
+                   names.pod_name(kind, name, 123)] for kind in names.KIND_ABBREVIATIONS}
+    every = [n for ns in made.values() for n in ns]
+    assert len(set(every)) == len(every), every  # no two children share a name, across kinds too
+    for n in every:
+        assert len(n) <= 63 and label.match(n), n
+    assert made["SFTJob"][0].endswith("-sft-checkpoints") and made["RewardModelJob"][2].endswith("-rm-trainer-0")
+    assert names.pvc_name("SFTJob", name) == made["SFTJob"][0]  # deterministic
+
+
+def test_short_names_read_plainly_and_long_ones_keep_a_hash_of_kind_and_name():
+    from rlhf_operator import names
+
+    assert names.pvc_name("SFTJob", "dup") == "dup-sft-checkpoints"
+    assert names.pvc_name("RewardModelJob", "dup") == "dup-rm-checkpoints"
+    assert names.configmap_name("PPOJob", "dup") == "dup-ppo-config"
+    assert names.pod_name("SFTJob", "dup", 3) == "dup-sft-trainer-3"
+    a, b = "a" * 62 + "1", "a" * 62 + "2"  # differ only where the cut falls
+    assert names.pod_name("SFTJob", a, 0) != names.pod_name("SFTJob", b, 0)
+    assert names.pod_name("SFTJob", a, 0).startswith("a" * 20)
+    with pytest.raises(ValueError, match="unknown job kind 'Job'"):
+        names.pvc_name("Job", "x")

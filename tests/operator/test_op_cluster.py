@@ -12,6 +12,7 @@ import time
 import pytest
 import yaml
 from op_helpers import metric_value, trainer_pid, wait_for
+from rlhf_operator import names
 from rlhf_trainer import config as tc
 
 
@@ -51,26 +52,26 @@ def test_each_kind_runs_to_succeeded(operator, jobs, namespace):
     assert running["progress"]["totalSteps"] == 30 and "/30" in running["progress"]["summary"]
     for kind, name, key in (("SFTJob", "sft", "loss"), ("RewardModelJob", "rm", "accuracy"), ("PPOJob", "ppo", "reward")):
         st = jobs.wait_phase(kind, name, "Succeeded", 60)
-        assert st["output"] == {"claim": f"{name}-checkpoints", "path": "final"}
+        assert st["output"] == {"claim": names.pvc_name(kind, name), "path": "final"}
         assert st["progress"]["percent"] == 100.0 and key in st["progress"] and st["restartCount"] == 0
         assert st["checkpoint"]["latestStep"] == st["progress"]["totalSteps"]
         assert st["observedGeneration"] == 1 and st["startTime"] and st["completionTime"]
         conds = {c["type"]: c for c in st["conditions"]}
         assert conds["Succeeded"]["status"] == "True" and conds["Created"]["status"] == "True"
         pods = jobs.pods(name)
-        assert [p.metadata.name for p in pods] == [f"{name}-trainer-0"]
+        assert [p.metadata.name for p in pods] == [names.pod_name(kind, name, 0)]
         if name == "sft":
             assert pods[0].spec.containers[0].resources.limits == {"nvidia.com/gpu": "1"}
             assert pods[0].spec.node_name  # placed by the real scheduler on the GPU node
         pod = pods[0]
         assert pod.metadata.labels["rlhf.io/kind"] == kind and pod.metadata.labels["rlhf.io/job"] == name
         assert pod.metadata.owner_references[0].kind == kind and pod.spec.automount_service_account_token is False
-        pvc = jobs.core.read_namespaced_persistent_volume_claim(f"{name}-checkpoints", namespace)
+        pvc = jobs.core.read_namespaced_persistent_volume_claim(names.pvc_name(kind, name), namespace)
         assert not pvc.metadata.owner_references  # retainPolicy Retain (default)
-        cm = jobs.core.read_namespaced_config_map(f"{name}-config", namespace)
+        cm = jobs.core.read_namespaced_config_map(names.configmap_name(kind, name), namespace)
         cfg = tc.from_dict(yaml.safe_load(cm.data["config.yaml"]))
         assert cfg.job.name == name and cfg.job.kind == kind
-        out = jobs.claim_dir(f"{name}-checkpoints")
+        out = jobs.claim_dir(names.pvc_name(kind, name))
         meta = json.loads((out / "final" / tc.METADATA_FILE).read_text())
         assert meta["steps"] == st["progress"]["totalSteps"]
         pointer = (out / "checkpoints" / "latest").read_text()
@@ -105,12 +106,12 @@ def test_chain_waits_for_missing_job_and_hands_over_exact_files_read_only(operat
     pod = jobs.pods("ppo")[0]
     mounts = {m.mount_path: m for m in pod.spec.containers[0].volume_mounts}
     assert mounts["/inputs/sft"].read_only and mounts["/inputs/rm"].read_only
-    meta = json.loads((jobs.claim_dir("ppo-checkpoints") / "final" / tc.METADATA_FILE).read_text())
+    meta = json.loads((jobs.claim_dir(names.pvc_name("PPOJob", "ppo")) / "final" / tc.METADATA_FILE).read_text())
     assert meta["config_inputs"] == {"sft": "/inputs/sft/final", "rm": "/inputs/rm/final"}
-    for role, upstream in (("actor", "sft"), ("reward_model", "rm")):
+    for role, upstream, up_kind in (("actor", "sft", "SFTJob"), ("reward_model", "rm", "RewardModelJob")):
         seen = meta["inputs"][role]
         assert seen["path"] == f"/inputs/{upstream}/final" and seen["read_only"] is True
-        assert seen["sha256"] == checksums(jobs.claim_dir(f"{upstream}-checkpoints") / "final")  # the exact files
+        assert seen["sha256"] == checksums(jobs.claim_dir(names.pvc_name(up_kind, upstream)) / "final")  # the exact files
         assert "model.safetensors" in seen["sha256"]
     # Hand-off latency: from rm's success to the PPO pod's creation.
     text = operator.metrics()
@@ -148,7 +149,7 @@ def test_operator_killed_mid_run_restarts_without_duplicates(operator_factory, j
     time.sleep(1)
     second = operator_factory()
     st = jobs.wait_phase("SFTJob", "long", "Succeeded", 60)
-    assert [p.metadata.name for p in jobs.pods("long")] == ["long-trainer-0"]
+    assert [p.metadata.name for p in jobs.pods("long")] == [names.pod_name("SFTJob", "long", 0)]
     assert st["restartCount"] == 0 and st["attempt"] == 0
     assert second.proc.poll() is None
 
@@ -158,16 +159,17 @@ def test_killed_trainer_is_replaced_and_resumes(operator, jobs):
     assert metric_value(operator.metrics(), "rlhf_operator_pod_restarts_total", kind="SFTJob") == 0
     jobs.create("SFTJob", "crash", spec(steps=40, step_seconds=0.1, every=4))
     wait_for("a checkpoint", lambda: jobs.status("SFTJob", "crash").get("checkpoint", {}).get("latestStep", 0) >= 8, 30)
-    os.kill(trainer_pid(jobs, "crash-trainer-0"), signal.SIGKILL)
+    os.kill(trainer_pid(jobs, names.pod_name("SFTJob", "crash", 0)), signal.SIGKILL)
     st = jobs.wait_phase("SFTJob", "crash", "Succeeded", 60)
-    assert st["restartCount"] == 1 and st["trainerPod"] == "crash-trainer-1"
+    assert st["restartCount"] == 1 and st["trainerPod"] == names.pod_name("SFTJob", "crash", 1)
     assert jobs.condition("SFTJob", "crash", "Restarting")["status"] == "False"
     failed = [e.message for e in jobs.events("crash") if e.reason == "PodFailed"]
-    assert len(failed) == 1 and "crash-trainer-0 failed with exit code 137" in failed[0] and "restart 1 of 3" in failed[0]
-    history = [json.loads(line) for line in (jobs.claim_dir("crash-checkpoints") / "standin-history.jsonl").read_text().splitlines()]
-    assert [h["pod"] for h in history] == ["crash-trainer-0", "crash-trainer-1"]
+    assert len(failed) == 1 and f"{names.pod_name('SFTJob', 'crash', 0)} failed with exit code 137" in failed[0] and "restart 1 of 3" in failed[0]
+    history = [json.loads(line) for line in (jobs.claim_dir(names.pvc_name("SFTJob", "crash")) / "standin-history.jsonl").read_text().splitlines()]
+    assert [h["pod"] for h in history] == [names.pod_name("SFTJob", "crash", i) for i in (0, 1)]
     assert history[0]["start_step"] == 0 and history[1]["start_step"] >= 8  # resumed from the latest checkpoint
-    assert {p.metadata.name: p.status.phase for p in jobs.pods("crash")} == {"crash-trainer-0": "Failed", "crash-trainer-1": "Succeeded"}
+    assert {p.metadata.name: p.status.phase for p in jobs.pods("crash")} == {
+        names.pod_name("SFTJob", "crash", 0): "Failed", names.pod_name("SFTJob", "crash", 1): "Succeeded"}
     assert metric_value(operator.metrics(), "rlhf_operator_pod_restarts_total", kind="SFTJob") == 1
 
 
@@ -176,7 +178,7 @@ def test_backoff_limit_and_failed_pods(operator, jobs):
     st = jobs.wait_phase("SFTJob", "flaky", "Failed", 40)
     failed = {c["type"]: c for c in st["conditions"]}["Failed"]
     assert failed["reason"] == "BackoffLimitExceeded" and "told to fail at step 2" in failed["message"]
-    assert st["restartCount"] == 1 and sorted(p.metadata.name for p in jobs.pods("flaky")) == ["flaky-trainer-0", "flaky-trainer-1"]
+    assert st["restartCount"] == 1 and sorted(p.metadata.name for p in jobs.pods("flaky")) == [names.pod_name("SFTJob", "flaky", i) for i in (0, 1)]
 
 
 def test_suspend_resume_and_deadline(operator, jobs, namespace):
@@ -186,12 +188,12 @@ def test_suspend_resume_and_deadline(operator, jobs, namespace):
     st = jobs.wait_phase("SFTJob", "pause", "Suspended", 20)
     wait_for("pods gone", lambda: all(p.metadata.deletion_timestamp or p.status.phase in ("Succeeded", "Failed")
                                       for p in jobs.pods("pause")) and True, 30)
-    assert jobs.core.read_namespaced_persistent_volume_claim("pause-checkpoints", namespace)  # checkpoints kept
+    assert jobs.core.read_namespaced_persistent_volume_claim(names.pvc_name("SFTJob", "pause"), namespace)  # checkpoints kept
     assert {c["type"]: c for c in st["conditions"]}["Suspended"]["reason"] == "JobSuspended"
     jobs.patch("SFTJob", "pause", {"spec": {"suspend": False}})
     st = jobs.wait_phase("SFTJob", "pause", "Succeeded", 60)
-    assert st["restartCount"] == 0 and st["trainerPod"] == "pause-trainer-1"
-    history = [json.loads(line) for line in (jobs.claim_dir("pause-checkpoints") / "standin-history.jsonl").read_text().splitlines()]
+    assert st["restartCount"] == 0 and st["trainerPod"] == names.pod_name("SFTJob", "pause", 1)
+    history = [json.loads(line) for line in (jobs.claim_dir(names.pvc_name("SFTJob", "pause")) / "standin-history.jsonl").read_text().splitlines()]
     assert history[1]["start_step"] >= 4  # resumed, progress kept
     assert {"JobSuspended", "JobResumed"} <= {e.reason for e in jobs.events("pause")}
 
@@ -203,7 +205,9 @@ def test_suspend_resume_and_deadline(operator, jobs, namespace):
 
 def test_unschedulable_invalid_and_ttl(operator, jobs, namespace):
     jobs.create("SFTJob", "big", spec(resources={"gpus": 8}))
-    c = wait_for("Unschedulable", lambda: (c := jobs.condition("SFTJob", "big", "PodScheduled")) and c["status"] == "False" and c, 30)
+    # The claim may still be binding at the first try ("unbound immediate PersistentVolumeClaims"): wait for the GPU reason.
+    c = wait_for("Unschedulable", lambda: (c := jobs.condition("SFTJob", "big", "PodScheduled")) and c["status"] == "False"
+                 and "nvidia.com/gpu" in c["message"] and c, 30)
     assert c["reason"] == "Unschedulable" and "nvidia.com/gpu" in c["message"]
     assert jobs.status("SFTJob", "big")["phase"] == "Pending"
     # Without the webhook, rules beyond the schema end as a condition naming the field.
@@ -213,7 +217,7 @@ def test_unschedulable_invalid_and_ttl(operator, jobs, namespace):
     assert failed["reason"] == "InvalidSpec" and "spec.resources.gpus" in failed["message"] and jobs.pods("odd") == []
     jobs.create("SFTJob", "short-lived", spec(steps=2, ttlSecondsAfterFinished=1))
     wait_for("TTL deletion", lambda: jobs.get("SFTJob", "short-lived") is None, 30)
-    assert jobs.core.read_namespaced_persistent_volume_claim("short-lived-checkpoints", namespace)  # retained
+    assert jobs.core.read_namespaced_persistent_volume_claim(names.pvc_name("SFTJob", "short-lived"), namespace)  # retained
 
 
 BAD_SPECS = [
@@ -383,3 +387,135 @@ def _delete_webhook_configurations(adm, name):
             if e.status != 404:
                 raise
 
+
+
+# --- children: names, ownership, lost claims and inputs ------------------------------------------
+
+def _claim_body(name, labels=None):
+    return {"metadata": {"name": name, "labels": labels or {}},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}
+
+
+def _read_claim(jobs, name):
+    from kubernetes.client.rest import ApiException
+
+    try:
+        return jobs.core.read_namespaced_persistent_volume_claim(name, jobs.ns)
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+def _pid_or_none(jobs, pod):
+    try:
+        return trainer_pid(jobs, pod)
+    except AssertionError:  # not started yet, or the machine is slow to show it
+        return None
+
+
+def test_jobs_of_two_kinds_with_one_name_keep_separate_children(operator, jobs, namespace):
+    jobs.create("SFTJob", "dup", spec(steps=12, step_seconds=0.1))
+    jobs.create("RewardModelJob", "dup", spec(steps=8, step_seconds=0.1, reward={"margin": 0.1}))
+    for kind, stage in (("SFTJob", "sft"), ("RewardModelJob", "reward")):
+        st = jobs.wait_phase(kind, "dup", "Succeeded", 60)
+        claim = names.pvc_name(kind, "dup")
+        assert st["output"]["claim"] == claim and st["restartCount"] == 0
+        cm = jobs.core.read_namespaced_config_map(names.configmap_name(kind, "dup"), namespace)
+        assert yaml.safe_load(cm.data["config.yaml"])["stage"] == stage
+        meta = json.loads((jobs.claim_dir(claim) / "final" / tc.METADATA_FILE).read_text())
+        assert meta["stage"] == stage and meta["steps"] == st["progress"]["totalSteps"]
+        history = [json.loads(line) for line in (jobs.claim_dir(claim) / "standin-history.jsonl").read_text().splitlines()]
+        assert history == [{"pod": names.pod_name(kind, "dup", 0), "start_step": 0}]  # nobody else wrote here
+    pods = {p.metadata.name for p in jobs.pods("dup")}
+    assert pods == {"dup-sft-trainer-0", "dup-rm-trainer-0"}
+
+
+def test_a_63_character_job_name_runs(operator, jobs, namespace):
+    name = "a-job-name-as-long-as-kubernetes-allows-for-a-label-value-xxxxx"
+    assert len(name) == 63
+    jobs.create("SFTJob", name, spec(steps=3))
+    st = jobs.wait_phase("SFTJob", name, "Succeeded", 60)
+    (pod,) = jobs.pods(name)
+    assert pod.metadata.name == st["trainerPod"] and len(pod.metadata.name) <= 63, pod.metadata.name
+    for child in (st["output"]["claim"], names.configmap_name("SFTJob", name)):
+        assert len(child) <= 63 and child.startswith("a-job-name-"), child
+    assert _read_claim(jobs, st["output"]["claim"]) is not None
+
+
+def test_a_claim_created_beforehand_is_not_adopted(operator, jobs, namespace):
+    claim = names.pvc_name("SFTJob", "pre")
+    jobs.core.create_namespaced_persistent_volume_claim(namespace, _claim_body(claim, {"team": "a"}))
+    jobs.create("SFTJob", "pre", spec(steps=100, checkpoint={"everySteps": 5, "retainPolicy": "Delete"}))
+    st = jobs.wait_phase("SFTJob", "pre", ("Failed", "Running", "Succeeded"), 30)
+    failed = jobs.condition("SFTJob", "pre", "Failed")
+    assert st["phase"] == "Failed" and failed["reason"] == "ChildNameConflict", st
+    assert f"claim {claim} exists but this job did not create it" in failed["message"]
+    assert jobs.pods("pre") == []
+    jobs.patch("SFTJob", "pre", {"spec": {"checkpoint": {"retainPolicy": "Retain"}}})  # no ownership either way
+    jobs.patch("SFTJob", "pre", {"spec": {"checkpoint": {"retainPolicy": "Delete"}}})
+    time.sleep(2)
+    after = _read_claim(jobs, claim)
+    assert after.metadata.labels == {"team": "a"} and not after.metadata.owner_references
+    assert after.metadata.deletion_timestamp is None
+
+
+def test_a_config_map_created_beforehand_is_not_overwritten(operator, jobs, namespace):
+    name = names.configmap_name("SFTJob", "precm")
+    jobs.core.create_namespaced_config_map(namespace, {"metadata": {"name": name}, "data": {"config.yaml": "mine: 1\n"}})
+    jobs.create("SFTJob", "precm", spec(steps=3))
+    st = jobs.wait_phase("SFTJob", "precm", ("Failed", "Succeeded"), 30)
+    failed = jobs.condition("SFTJob", "precm", "Failed")
+    assert st["phase"] == "Failed" and failed["reason"] == "ChildNameConflict", st
+    assert f"config map {name} exists but this job did not create it" in failed["message"]
+    cm = jobs.core.read_namespaced_config_map(name, namespace)
+    assert cm.data == {"config.yaml": "mine: 1\n"} and not cm.metadata.owner_references
+    assert jobs.pods("precm") == []
+
+
+def test_a_deleted_claim_fails_the_running_job_which_never_succeeds(operator, jobs, namespace):
+    jobs.create("SFTJob", "lose", spec(steps=200, step_seconds=0.1, every=5))
+    wait_for("a checkpoint", lambda: jobs.status("SFTJob", "lose").get("checkpoint", {}).get("latestStep", 0) >= 5, 30)
+    claim = names.pvc_name("SFTJob", "lose")
+    jobs.core.delete_namespaced_persistent_volume_claim(claim, namespace)  # Terminating while the pod uses it
+    st = jobs.wait_phase("SFTJob", "lose", ("Failed", "Succeeded"), 20)
+    failed = jobs.condition("SFTJob", "lose", "Failed")
+    assert st["phase"] == "Failed" and failed["reason"] == "CheckpointClaimLost", st
+    assert f"checkpoint claim {claim}" in failed["message"] and "onClaimLoss: StartOver" in failed["message"]
+    wait_for("the claim gone once the pod stopped", lambda: _read_claim(jobs, claim) is None, 60)
+    time.sleep(2)  # no new, empty claim, no new pod
+    assert _read_claim(jobs, claim) is None and jobs.status("SFTJob", "lose")["phase"] == "Failed"
+    assert {p.metadata.name for p in jobs.pods("lose")} <= {names.pod_name("SFTJob", "lose", 0)}
+
+
+def test_start_over_after_a_lost_claim_trains_again_from_step_0(operator, jobs, namespace):
+    jobs.create("SFTJob", "again", spec(steps=60, step_seconds=0.1, checkpoint={"everySteps": 5, "onClaimLoss": "StartOver"}))
+    wait_for("a checkpoint", lambda: jobs.status("SFTJob", "again").get("checkpoint", {}).get("latestStep", 0) >= 10, 30)
+    claim = names.pvc_name("SFTJob", "again")
+    old_uid = _read_claim(jobs, claim).metadata.uid
+    jobs.core.delete_namespaced_persistent_volume_claim(claim, namespace)
+    st = jobs.wait_phase("SFTJob", "again", ("Succeeded", "Failed"), 90)
+    assert st["phase"] == "Succeeded" and st["trainerPod"] == names.pod_name("SFTJob", "again", 1), st
+    new = _read_claim(jobs, claim)
+    assert new.metadata.uid != old_uid
+    history = [json.loads(line) for line in (jobs.claim_dir(claim) / "standin-history.jsonl").read_text().splitlines()]
+    assert history == [{"pod": names.pod_name("SFTJob", "again", 1), "start_step": 0}]  # a fresh claim, from step 0
+    said = [e.message for e in jobs.events("again") if e.reason == "CheckpointClaimLost"]
+    assert any("starting over from step 0" in m for m in said), said
+
+
+def test_a_restart_after_the_upstream_job_was_deleted_fails_with_dependency_deleted(operator, jobs, namespace):
+    jobs.create("RewardModelJob", "up", spec(steps=3, checkpoint={"everySteps": 3, "retainPolicy": "Delete"}))
+    jobs.create("PPOJob", "down", ppo_spec({"path": "/tmp"}, {"fromJob": {"name": "up"}}, steps=400, step_seconds=0.1))
+    jobs.wait_phase("RewardModelJob", "up", "Succeeded", 60)
+    jobs.wait_phase("PPOJob", "down", "Running", 60)
+    up_claim = names.pvc_name("RewardModelJob", "up")
+    jobs.delete("RewardModelJob", "up")  # its claim goes with it (retainPolicy Delete), Terminating while mounted
+    wait_for("the upstream claim terminating", lambda: (c := _read_claim(jobs, up_claim)) is None or c.metadata.deletion_timestamp, 30)
+    assert jobs.status("PPOJob", "down")["phase"] == "Running"  # the running trainer still has its input mounted
+    os.kill(wait_for("the PPO trainer process", lambda: _pid_or_none(jobs, names.pod_name("PPOJob", "down", 0)), 20), signal.SIGKILL)
+    st = jobs.wait_phase("PPOJob", "down", ("Failed", "Succeeded"), 30)
+    failed = jobs.condition("PPOJob", "down", "Failed")
+    assert st["phase"] == "Failed" and failed["reason"] == "DependencyDeleted", st
+    assert "RewardModelJob up (rewardModel) was deleted" in failed["message"]
+    assert {p.metadata.name for p in jobs.pods("down")} <= {names.pod_name("PPOJob", "down", 0)}  # no replacement

@@ -112,3 +112,37 @@ def test_required_fields_and_lifecycle_knobs():
     for key in ("suspend", "ttlSecondsAfterFinished", "image", "scheduling", "resources", "deepspeed", "env"):
         assert key in props
     assert props["model"]["properties"]["fromJob"]["properties"]["kind"]["enum"] == list(crd_schema.KINDS)
+
+
+def test_every_number_in_a_spec_is_bounded():
+    """An unbounded integer let maxSteps 2**63-1 through, and every status write after it failed."""
+    for kind in crd_schema.KINDS:
+        spec = version(kind)["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        unbounded = [p for p, s in walk(spec) if s.get("type") in ("integer", "number")
+                     and ("maximum" not in s or "minimum" not in s)]
+        assert unbounded == [], f"{kind}: integer/number fields without minimum and maximum: {unbounded}"
+    training = version("SFTJob")["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["training"]
+    assert training["properties"]["maxSteps"]["maximum"] == crd_schema.MAX_STEPS < 2**31
+
+
+def test_bounds_keep_the_trainers_minimums():
+    """The trainer's own checks (config.validate) and the schema agree on every minimum both have."""
+    cfg = tc.TrainerConfig()
+    for path, _value, minimum in tc._positive(cfg):
+        section, name = path.split(".")
+        cls = type(getattr(cfg, section))
+        bound = crd_schema.BOUNDS.get((cls, name))
+        if bound is not None:  # an exclusive minimum of 0 stands for the trainer's tiny positive one
+            assert bound["minimum"] >= minimum or (bound.get("exclusiveMinimum") and minimum > bound["minimum"]), path
+
+
+def test_names_keys_and_paths_under_a_mount_carry_patterns():
+    spec = version("PPOJob")["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    for role in ("actor", "rewardModel", "critic", "reference"):
+        props = spec[role]["properties"]
+        assert props["path"]["pattern"] == props["tokenizerPath"]["pattern"] == crd_schema.PATH_PATTERN
+        assert props["claim"]["pattern"] == props["fromJob"]["properties"]["name"]["pattern"] == crd_schema.OBJECT_NAME_PATTERN
+    for ds in ("dataset", "ptxDataset"):
+        props = spec[ds]["properties"]
+        assert props["path"]["pattern"] == crd_schema.PATH_PATTERN and props["claim"]["pattern"] == crd_schema.OBJECT_NAME_PATTERN
+        assert props["configMap"]["properties"]["key"]["pattern"] == crd_schema.CONFIGMAP_KEY_PATTERN

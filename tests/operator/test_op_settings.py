@@ -35,10 +35,27 @@ def test_values_are_parsed():
     ({"RLHF_RESYNC_SECONDS": "60"}, "RLHF_RESYNC_SECONDS"),
     ({"RLHF_WEBHOOK_SERVICE": "svc"}, "<service-name>.<namespace>"),
     ({"RLHF_WEBHOOK_CERT_FILE": "/x"}, "together"),
+    ({"RLHF_ALLOWED_TRAINER_IMAGES": "registry.example.com/*"}, "RLHF_ALLOWED_TRAINER_IMAGES: bad entry 'registry.example.com/\\*'"),
+    ({"RLHF_ALLOWED_TRAINER_IMAGES": "a, b c"}, "RLHF_ALLOWED_TRAINER_IMAGES: bad entry 'b c'"),
+    ({"RLHF_ALLOW_SECRET_ENV": "sometimes"}, "RLHF_ALLOW_SECRET_ENV='sometimes': expected true or false"),
+    ({"RLHF_ALLOWED_ENV": "PYTHON$PATH"}, "RLHF_ALLOWED_ENV: bad entry 'PYTHON\\$PATH': expected an environment variable name"),
+    ({"RLHF_ALLOWED_PRIORITY_CLASSES": "high prio"}, "RLHF_ALLOWED_PRIORITY_CLASSES: bad entry"),
 ])
 def test_bad_values_name_the_variable(env, needle):
     with pytest.raises(SettingsError, match=needle.replace("(", r"\(")):
         from_env(env)
+
+
+def test_grant_settings_default_to_closed_and_parse_lists():
+    s = from_env({})
+    assert s.allowed_trainer_images == () and s.allow_secret_env is False and s.allowed_env == ()
+    assert s.allowed_priority_classes == () and s.allowed_toleration_keys == ("nvidia.com/gpu",)
+    s = from_env({"RLHF_ALLOWED_TRAINER_IMAGES": " reg.io/team/ ,img:1,,reg.io/team/", "RLHF_ALLOW_SECRET_ENV": "yes",
+                  "RLHF_ALLOWED_ENV": "TORCH_EXTENSIONS_DIR,NCCL_*", "RLHF_ALLOWED_PRIORITY_CLASSES": "*",
+                  "RLHF_ALLOWED_TOLERATION_KEYS": ""})
+    assert s.allowed_trainer_images == ("reg.io/team/", "img:1") and s.allow_secret_env is True
+    assert s.allowed_env == ("TORCH_EXTENSIONS_DIR", "NCCL_*") and s.allowed_priority_classes == ("*",)
+    assert s.allowed_toleration_keys == ()  # set but empty (the chart's []): no toleration allowed
 
 
 def test_command_line_options_override_the_environment():

@@ -16,6 +16,7 @@ Behaviour for tests, from the environment (the job's spec.env):
   STANDIN_FAIL_EXIT      ... with this exit code (default 1) ...
   STANDIN_FAIL_ONCE      ... only the first time (a marker file in the claim), if "1"
   STANDIN_EXIT_AT_START  exit at once with this code (e.g. 3 = data error) and a message
+  STANDIN_REPORT_TOTAL_STEPS  report this (float) as total steps instead of the real number
 """
 
 from __future__ import annotations
@@ -79,11 +80,12 @@ class Checkpoints:
         self.keep_last = keep_last
 
     def latest_step(self) -> int:
+        """Step of the latest checkpoint, -1 when there is none."""
         try:
             name = (self.dir / tc.LATEST_POINTER).read_text().strip()
             return int(json.loads((self.dir / name / "state.json").read_text())["step"])
         except (OSError, ValueError, KeyError):
-            return 0
+            return -1
 
     def save(self, step: int) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
 
     labels = {"namespace": cfg.job.namespace, "job": cfg.job.name, "stage": cfg.stage}
     registry = CollectorRegistry()
-    names = [contract.M_STEP, contract.M_TOTAL_STEPS, contract.M_LOSS, contract.M_LAST_CHECKPOINT_STEP]
+    names = [contract.M_STEP, contract.M_TOTAL_STEPS, contract.M_LOSS, contract.M_LAST_CHECKPOINT_STEP, contract.M_RESUMED_FROM_STEP]
     names += {"sft": [], "reward": [contract.M_RM_EVAL_ACCURACY], "ppo": [contract.M_PPO_REWARD_MEAN, contract.M_PPO_KL]}[cfg.stage]
     gauges = {name: Gauge(name, name, list(labels), registry=registry).labels(**labels) for name in names}
     if cfg.metrics.port:
@@ -174,12 +176,15 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
     ckpt = Checkpoints(cfg.checkpoint.dir, cfg.checkpoint.keep_last)
     total = cfg.training.max_steps or DEFAULT_STEPS
-    start = ckpt.latest_step() if cfg.checkpoint.resume else 0
+    restored = ckpt.latest_step() if cfg.checkpoint.resume else -1
+    start = max(0, restored)
     history = Path(cfg.checkpoint.dir) / "standin-history.jsonl"
     with open(history, "a") as f:
         f.write(json.dumps({"pod": os.environ.get(contract.ENV_POD_NAME, ""), "start_step": start}) + "\n")
     log(event="start", stage=cfg.stage, resumed_from=start, total_steps=total)
-    gauges[contract.M_TOTAL_STEPS].set(total)
+    reported_total = float(os.environ.get("STANDIN_REPORT_TOTAL_STEPS") or total)
+    gauges[contract.M_TOTAL_STEPS].set(reported_total)
+    gauges[contract.M_RESUMED_FROM_STEP].set(restored)
     gauges[contract.M_LAST_CHECKPOINT_STEP].set(start)
     step_seconds = float(os.environ.get("STANDIN_STEP_SECONDS", "0.05"))
     fail_at = int(os.environ.get("STANDIN_FAIL_AT_STEP", "0") or 0)
@@ -213,7 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     weights = hashlib.sha256(f"{cfg.job.namespace}/{cfg.job.name}/{cfg.stage}".encode()).digest() * 64
     write_file(final / "model.safetensors", weights)
     write_file(final / "config.json", json.dumps({"model_type": "standin", "stage": cfg.stage}).encode())
-    metrics = {**values, contract.M_TOTAL_STEPS: total, contract.M_LAST_CHECKPOINT_STEP: total}
+    metrics = {**values, contract.M_TOTAL_STEPS: reported_total, contract.M_LAST_CHECKPOINT_STEP: total,
+               contract.M_RESUMED_FROM_STEP: restored}
     meta = {"stage": cfg.stage, "job": labels, "steps": total, "final_metrics": metrics, "inputs": inputs,
             "config_inputs": cfg.inputs}
     write_file(final / tc.METADATA_FILE, json.dumps(meta, indent=1).encode())

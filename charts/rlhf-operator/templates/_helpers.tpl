@@ -86,6 +86,16 @@ app.kubernetes.io/part-of: rlhf-platform
   value: {{ .Values.trainer.metricsPort | quote }}
 - name: RLHF_TRAINER_SECURITY_CONTEXT
   value: {{ dict "pod" .Values.trainer.podSecurityContext "container" .Values.trainer.securityContext | toJson | quote }}
+- name: RLHF_ALLOWED_TRAINER_IMAGES
+  value: {{ join "," .Values.trainer.allowedImages | quote }}
+- name: RLHF_ALLOW_SECRET_ENV
+  value: {{ .Values.trainer.allowSecretEnv | quote }}
+- name: RLHF_ALLOWED_ENV
+  value: {{ join "," .Values.trainer.allowedEnv | quote }}
+- name: RLHF_ALLOWED_PRIORITY_CLASSES
+  value: {{ join "," .Values.trainer.allowedPriorityClasses | quote }}
+- name: RLHF_ALLOWED_TOLERATION_KEYS
+  value: {{ join "," .Values.trainer.allowedTolerationKeys | quote }}
 - name: RLHF_WATCH_NAMESPACES
   value: {{ join "," .Values.operator.watchNamespaces | quote }}
 - name: RLHF_METRICS_PORT
@@ -96,6 +106,8 @@ app.kubernetes.io/part-of: rlhf-platform
   value: {{ .Values.operator.resyncSeconds | quote }}
 - name: RLHF_MAX_GPUS_PER_POD
   value: {{ .Values.operator.maxGpusPerPod | quote }}
+- name: RLHF_RESTART_BACKOFF_SECONDS
+  value: {{ .Values.operator.restartBackoffSeconds | quote }}
 - name: RLHF_LOG_LEVEL
   value: {{ .Values.operator.logLevel | quote }}
 - name: RLHF_CHECKPOINT_STORAGE_CLASS
@@ -153,11 +165,13 @@ Rules on namespaced resources: in a ClusterRole (all namespaces) or a Role per w
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch, create, delete]
-# Checkpoint claims. create: one per job (AlreadyExists means adopt); patch: its ownerReference is
-# added or removed when checkpoint.retainPolicy changes (deleted with the job, or kept).
+# Checkpoint claims. create: one per job; list/watch: kopf indexes them (a claim being deleted fails
+# its job and the jobs reading it); get: one the index has not seen yet, or found under the job's
+# claim name, to check that the job created it (never adopted otherwise); patch: its ownerReference
+# is added or removed when checkpoint.retainPolicy changes (deleted with the job, or kept).
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
-  verbs: [create, patch]
+  verbs: [get, list, watch, create, patch]
 # The job's rendered trainer config (mounted at /etc/rlhf). create; get and patch: bring an existing
 # one up to date when a suspended job's spec changed.
 - apiGroups: [""]
