@@ -1,8 +1,9 @@
-"""Pure functions that turn job objects and trainer logs into the live table, the summary and the chart."""
+"""Pure functions for the live table and for reading the trainers' metric logs."""
 
 from __future__ import annotations
 
 import json
+import textwrap
 from typing import Any
 
 KEY_METRIC = {"SFTJob": ("loss", "loss"), "RewardModelJob": ("accuracy", "acc"), "PPOJob": ("reward", "reward")}
@@ -23,7 +24,7 @@ def job_row(obj: dict) -> list[str]:
     step, total = prog.get("step"), prog.get("totalSteps")
     key, label = KEY_METRIC.get(kind, ("loss", "loss"))
     metric = prog.get(key)
-    waiting = next(
+    note = next(
         (c.get("message", "") for c in st.get("conditions", []) if c.get("status") == "True" and c["type"] in ("WaitingForDependencies", "Failed")),
         "",
     )
@@ -32,14 +33,23 @@ def job_row(obj: dict) -> list[str]:
         st.get("phase") or "Pending",
         f"{fmt(step)}/{fmt(total)}" if step is not None else "-",
         f"{label}={fmt(metric)}" if metric is not None else "-",
-        waiting[:70],
+        " ".join(note.split()),
     ]
 
 
-def table(objs: list[dict]) -> str:
+def table(objs: list[dict], width: int = 100) -> str:
+    """The live table in `width` columns: the NOTE column wraps at word boundaries onto indented lines."""
     rows = [["JOB", "PHASE", "STEP", "METRIC", "NOTE"]] + [job_row(o) for o in objs]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    indent = sum(widths) + 2 * len(widths)
+    room = max(width - indent, 20)
+    lines = []
+    for r in rows:
+        head = "  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  "
+        note = textwrap.wrap(r[-1], room, break_long_words=False, break_on_hyphens=False) or [""]
+        lines.append((head + note[0]).rstrip())
+        lines += [" " * indent + more for more in note[1:]]
+    return "\n".join(lines)
 
 
 def parse_log_metrics(log_text: str) -> list[dict]:
@@ -56,41 +66,3 @@ def parse_log_metrics(log_text: str) -> list[dict]:
         if isinstance(rec, dict) and "step" in rec:
             out.append(rec)
     return out
-
-
-def first_last(series: list[dict], key: str) -> tuple[float | None, float | None]:
-    vals = [r[key] for r in series if isinstance(r.get(key), (int, float))]
-    return (vals[0], vals[-1]) if vals else (None, None)
-
-
-# Which curves to draw per kind: (JSON key, label).
-CURVES = {
-    "SFTJob": [("rlhf_trainer_loss", "SFT loss")],
-    "RewardModelJob": [("rlhf_trainer_loss", "RM loss"), ("rlhf_reward_accuracy", "RM train accuracy"),
-                       ("rlhf_reward_eval_accuracy", "RM eval accuracy")],
-    "PPOJob": [("rlhf_ppo_reward_mean", "PPO reward mean"), ("rlhf_ppo_kl", "PPO KL")],
-}
-
-
-def plot_curves(series: dict[str, list[dict]], kinds: dict[str, str], path) -> None:
-    """One panel per job with its stage's curves; written as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [n for n in series if kinds.get(n) in CURVES]
-    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(5 * max(len(names), 1), 3.6), squeeze=False)
-    for ax, name in zip(axes[0], names, strict=False):
-        for key, label in CURVES[kinds[name]]:
-            pts = [(r["step"], r[key]) for r in series[name] if isinstance(r.get(key), (int, float))]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), label=label, marker="." if len(pts) < 30 else None)
-        ax.set_title(f"{kinds[name]}/{name}")
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from rlhf_operator.names import pod_name, pvc_name
 
 from localcluster import Cluster
 
@@ -70,8 +71,8 @@ def test_short_pipeline_hands_exact_checkpoints_to_ppo(tmp_path):
 
         # Exact hand-over: what PPO read (digests it recorded) is what the upstream jobs wrote.
         kc = str(state / "kubeconfig")
-        finals = {name: _final_dir(kc, "rlhf-demo", f"{name}-checkpoints")
-                  for name in ("policy-sft", "harmless-rm", "harmless-ppo")}
+        finals = {name: _final_dir(kc, "rlhf-demo", pvc_name(kind, name))
+                  for kind, name in (("SFTJob", "policy-sft"), ("RewardModelJob", "harmless-rm"), ("PPOJob", "harmless-ppo"))}
         meta = {name: json.loads((d / "rlhf_metadata.json").read_text()) for name, d in finals.items()}
         read = meta["harmless-ppo"]["inputs"]["digests"]
         assert read["/inputs/policy-sft/final"] == meta["policy-sft"]["output_digest"]
@@ -81,7 +82,7 @@ def test_short_pipeline_hands_exact_checkpoints_to_ppo(tmp_path):
         assert tree_digest(finals["policy-sft"]) == meta["policy-sft"]["output_digest"]
         # The PPO pod mounted the upstream claims read-only.
         pod = yaml.safe_load(subprocess.run(
-            ["kubectl", "--kubeconfig", kc, "-n", "rlhf-demo", "get", "pod", "harmless-ppo-trainer-0", "-o", "yaml"],
+            ["kubectl", "--kubeconfig", kc, "-n", "rlhf-demo", "get", "pod", pod_name("PPOJob", "harmless-ppo", 0), "-o", "yaml"],
             capture_output=True, text=True, check=True).stdout)
         mounts = {m["mountPath"]: m for m in pod["spec"]["containers"][0]["volumeMounts"]}
         assert mounts["/inputs/policy-sft"].get("readOnly") is True

@@ -1,0 +1,100 @@
+"""The end-of-run summary: built from the jobs' status, their trainers' metric logs and the run's timeline.
+
+Pure: `build` returns the dict written to summary.json, `lines` the text printed at the end.
+"""
+
+from __future__ import annotations
+
+from rlhf_trainer import contract as c
+
+from . import report, stats
+
+
+def stage_record(job: dict) -> dict:
+    st = job.get("status") or {}
+    failed = next((cd for cd in st.get("conditions", []) if cd["type"] == "Failed" and cd["status"] == "True"), None)
+    return {
+        "kind": job["kind"], "name": job["metadata"]["name"], "phase": st.get("phase"),
+        "progress": st.get("progress", {}), "output": st.get("output", {}), "checkpoint": st.get("checkpoint", {}),
+        "failure": f"{failed.get('reason')}: {failed.get('message')}" if failed else "",
+    }
+
+
+def values(series: list[dict], key: str) -> list[float]:
+    return [r[key] for r in series if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+
+
+def build(jobs: list[dict], series: dict[str, list[dict]], timing: dict, eval_pairs: int | None = None) -> dict:
+    """summary.json: stages, the reward model's held-out accuracy with its standard error, PPO's reward
+    in its first and last quarter with their spread, and where the time went."""
+    stages = [stage_record(j) for j in jobs]
+    by_kind = {s["kind"]: s for s in stages}
+    rm, ppo = by_kind.get("RewardModelJob", {}), by_kind.get("PPOJob", {})
+    rm_series, ppo_series = series.get(rm.get("name", ""), []), series.get(ppo.get("name", ""), [])
+    rewards = values(ppo_series, c.M_PPO_REWARD_MEAN)
+    kls = values(ppo_series, c.M_PPO_KL)
+    evals = values(rm_series, c.M_RM_EVAL_ACCURACY)
+    acc = evals[-1] if evals else rm.get("progress", {}).get("accuracy")
+    return {
+        "ok": bool(stages) and all(s["phase"] == "Succeeded" for s in stages),
+        "seconds": timing.get("total_s"),
+        "timing": timing,
+        "reward_model_eval_accuracy": acc,
+        "reward_model_eval_pairs": eval_pairs,
+        "reward_model_eval_accuracy_se": stats.binomial_se(acc, eval_pairs) if acc is not None and eval_pairs else None,
+        "ppo_reward_start": rewards[0] if rewards else None,
+        "ppo_reward_end": rewards[-1] if rewards else None,
+        "ppo_reward_quarters": stats.quarters(rewards),
+        "ppo_kl_quarters": stats.quarters(kls),
+        "ppo_final_kl": kls[-1] if kls else None,
+        "stages": stages,
+    }
+
+
+def _q(part: dict) -> str:
+    return f"{part['mean']:.3f} +- {part['sd']:.3f}"
+
+
+def lines(s: dict) -> list[str]:
+    out = ["", "=== RLHF pipeline summary ==="]
+    for st in s["stages"]:
+        where = st["output"].get("claim", st["checkpoint"].get("claim", "-"))
+        path = st["output"].get("path", "")
+        out.append(f"{st['kind']:15} {st['name']:16} {st['phase'] or 'Pending':10} checkpoint: claim {where} {path}".rstrip())
+        if st["failure"]:
+            out.append(f"    FAILED - {st['failure']}")
+    acc, se, n = s["reward_model_eval_accuracy"], s["reward_model_eval_accuracy_se"], s["reward_model_eval_pairs"]
+    if acc is not None and se is not None:
+        out.append(f"reward model held-out accuracy: {acc:.3f} +- {se:.3f} (standard error; {n} unseen pairs, chance 0.5)")
+    else:
+        out.append(f"reward model held-out accuracy: {report.fmt(acc)}")
+    q = s["ppo_reward_quarters"]
+    if q:
+        moved = f" ({q['rise_in_se']:.1f} standard errors)" if q["rise_in_se"] is not None else ""
+        out.append(f"PPO reward (iteration means; quarter = {q['first']['n']} of {q['points']} iterations, mean +- spread):")
+        out.append(f"    first quarter {_q(q['first'])} -> last quarter {_q(q['last'])}")
+        out.append(f"    rise {q['rise']:+.3f} +- {q['rise_se']:.3f}{moved}")
+    else:
+        out.append(f"PPO mean reward: start {report.fmt(s['ppo_reward_start'])} -> end {report.fmt(s['ppo_reward_end'])}")
+    kq = s["ppo_kl_quarters"]
+    kl_text = f" (first quarter {_q(kq['first'])}, last quarter {_q(kq['last'])})" if kq else ""
+    out.append(f"PPO KL to the SFT policy: final {report.fmt(s['ppo_final_kl'])}{kl_text}")
+    out.append(f"training curves: {s.get('chart', '-')}")
+    out += timing_lines(s["timing"])
+    return out
+
+
+def timing_lines(t: dict) -> list[str]:
+    spans = t.get("stages") or {}
+    parts = [f"{name} {span['start_s']:.0f}-{span['end_s']:.0f}" for name, span in spans.items()
+             if span.get("start_s") is not None and span.get("end_s") is not None]
+    out = []
+    if t.get("pipeline_s") is not None:
+        out.append(f"pipeline (jobs applied -> all finished): {t['pipeline_s']:.0f} s")
+        if parts:
+            out.append(f"    stages, seconds after the jobs were applied: {', '.join(parts)}")
+    if t.get("total_s") is not None:
+        setup = f"; cluster start {t['cluster_s']:.0f} s" if t.get("cluster_s") is not None else ""
+        out.append(f"total time: {t['total_s']:.0f} s{setup}; {t.get('cpus', '?')} CPU cores, load average "
+                   f"{t.get('load_start', '?')} at start")
+    return out
