@@ -6,6 +6,7 @@ crashes."""
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import time
@@ -127,6 +128,10 @@ BAD: list[Bad] = [
         ("format prompt_response cannot feed the reward stage",)),
     Bad("batch-larger-than-data", "SFTJob", {"dataset.configMap.key": "three.jsonl", "training.batchSize": 64}, "DataError",
         ("the train split has 2 examples, fewer than one optimizer step needs",)),
+    Bad("utf16-dataset", "SFTJob", {"dataset.configMap": {"name": "bindata", "key": "utf16.jsonl"}}, "DataError",
+        ("utf16.jsonl:1: byte offset 0", "the file is UTF-16", "expected UTF-8 JSON lines")),
+    Bad("binary-dataset", "SFTJob", {"dataset.configMap": {"name": "bindata", "key": "binary.jsonl"}}, "DataError",
+        ("binary.jsonl:2: byte offset 65", "expected UTF-8 JSON lines")),
     Bad("missing-model-path", "SFTJob", {"model": {"path": "/nonexistent/e2e/model"}}, "ModelError",
         ("model.path /nonexistent/e2e/model does not exist",)),
     Bad("missing-tokenizer", "SFTJob", {"model.tokenizerPath": "/nonexistent/e2e/tokenizer"}, "ModelError",
@@ -149,6 +154,13 @@ def data_files() -> dict[str, str]:
         "ties.jsonl": jsonl(ties),  # scored completions with equal scores give no preference pair
         "three.jsonl": jsonl(sft_rows(3)),
     }
+
+
+def binary_files() -> dict[str, str]:
+    """ConfigMap binaryData (base64): files that are not UTF-8 JSON lines."""
+    utf16 = jsonl(sft_rows()).encode("utf-16")  # with a byte-order mark
+    binary = jsonl(sft_rows(1)).encode() + bytes(range(256)) * 4  # a valid first row, then bytes that are no text
+    return {"utf16.jsonl": base64.b64encode(utf16).decode(), "binary.jsonl": base64.b64encode(binary).decode()}
 
 
 def base_spec(kind: str) -> dict[str, Any]:
@@ -250,6 +262,7 @@ def outcome_problems(jobs, case: Bad, cond: dict[str, Any] | None, pods: list[st
 @pytest.mark.slow
 def test_bad_specs_and_files(real_operator, jobs):
     create_configmap(jobs, "data", data_files())
+    jobs.core.create_namespaced_config_map(jobs.ns, {"metadata": {"name": "bindata"}, "binaryData": binary_files()})
     jobs.create("SFTJob", "healthy", real_spec(configmap_dataset("data", "sft.jsonl"), steps=600, every=100))
     wait_phase(jobs, "SFTJob", "healthy", "Running", 120)
 
