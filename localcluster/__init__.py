@@ -1,4 +1,4 @@
-"""Embedded Kubernetes cluster: control plane built from source, plus a local node agent.
+"""Embedded Kubernetes cluster: control plane, etcd and CoreDNS built from pinned Go modules, plus a local node agent.
 
     from localcluster import Cluster
     c = Cluster("/tmp/my-cluster")      # state directory

@@ -61,6 +61,21 @@ def ensure_certs(certs: Path) -> None:
         key.chmod(0o600)
 
 
+def ensure_serving_pair(certs: Path, name: str, names: tuple[str, ...] = ("IP:127.0.0.1", "DNS:localhost")) -> None:
+    """<name>.crt/.key: a serving certificate from the cluster's CA, for a local server the API server calls
+    (an admission webhook); ensure_certs must have run."""
+    if (certs / f"{name}.crt").exists():
+        return
+    (certs / f"{name}.ext").write_text(
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+        f"extendedKeyUsage=serverAuth\nsubjectAltName={','.join(names)}\n")
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+             "-subj", f"/CN={name}", cwd=certs)
+    _openssl("x509", "-req", "-sha256", "-days", "3650", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+             "-CAcreateserial", "-extfile", f"{name}.ext", "-out", f"{name}.crt", cwd=certs)
+    (certs / f"{name}.key").chmod(0o600)
+
+
 def ensure_admin_token(tokens_csv: Path) -> str:
     """The admin token (created once); the file is the API server's --token-auth-file."""
     if not tokens_csv.exists():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import controlplane, provision
 from .controlplane import Cluster, ClusterError
+from .nodeagent.node import DEFAULT_NODES
 from .provision import ProvisionError
 
 
@@ -23,18 +24,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m localcluster", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("provision", help="install packages and build the control-plane binaries (cached)")
+    p = sub.add_parser("provision", help="build the cluster's binaries from pinned Go modules (cached by version)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="cache root (default: $RLHF_CACHE_DIR or ~/.cache/rlhf-platform)")
-    p.add_argument("--keep-build", action="store_true", help="keep the build tree (about 2 GiB) after installing")
+    p.add_argument("--keep-build", action="store_true", help="keep the build directories after installing")
     p.add_argument("--check", action="store_true", help="only check the cache: exit 0 when usable, 1 when not")
+    p.add_argument("--with", dest="addons", action="append", default=[], choices=controlplane.ADDONS,
+                   help="also build an add-on (repeatable): kueue")
 
     p = sub.add_parser("up", help="start the cluster and wait until it is ready")
     _add_state_dir(p)
     p.add_argument("--name", default=None, help=f"cluster name in the kubeconfig (default: {controlplane.DEFAULT_NAME})")
     p.add_argument("--node", action="append", default=[], metavar="NAME:cpu=16,memory=64Gi,gpu=1",
-                   help="a node for the node agent to register (repeatable; default: its own single GPU node)")
+                   help="a node for the node agent to register (repeatable; default: two nodes with 2 GPUs each, "
+                        f"{' and '.join(DEFAULT_NODES)})")
     p.add_argument("--no-node-agent", action="store_true", help="start the control plane only (no Node, no pods)")
+    p.add_argument("--with", dest="addons", action="append", default=[], choices=controlplane.ADDONS,
+                   help="also start an add-on (repeatable): kueue (built by `provision --with kueue`)")
     p.add_argument("--no-wait-node", action="store_true", help="do not wait for the node(s) to be Ready")
     p.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for the API server (default 90)")
     p.add_argument("--node-timeout", type=float, default=60.0, help="seconds to wait for Ready nodes (default 60)")
@@ -79,6 +85,7 @@ def _status(cluster: Cluster, as_json: bool) -> int:
         for p in st["processes"]:
             print(f"  {p['role']:<24} pid {p['pid']:<8} {'running' if p['alive'] else 'EXITED'}   {p['log']}")
         print(f"  ready nodes: {', '.join(st['ready_nodes']) or 'none'}")
+        print(f"  pod network: {st['pod_network']}, cluster DNS: {st['dns'] + ':53' if st['dns'] else 'none'}")
         print(f"  export KUBECONFIG={st['kubeconfig']}")
     return 0 if st["ready"] else 1
 
@@ -102,14 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "provision":
             if args.check:
-                reason = provision.check_binaries(provision.bin_dir(args.cache_dir))
+                reason = provision.check_all(args.cache_dir, (*provision.DEFAULT_COMPONENTS, *args.addons))
                 print(reason or f"ok: {provision.bin_dir(args.cache_dir)}")
                 return 1 if reason else 0
-            bdir = provision.provision(args.cache_dir, keep_build=args.keep_build)
+            bdir = provision.provision(args.cache_dir, keep_build=args.keep_build, with_=args.addons)
             print(f"binaries: {bdir}")
             return 0
         cluster = Cluster(args.state_dir, name=getattr(args, "name", None), nodes=getattr(args, "node", None),
-                          node_agent=not getattr(args, "no_node_agent", False))
+                          node_agent=not getattr(args, "no_node_agent", False), addons=getattr(args, "addons", ()))
         if args.command == "up":
             cluster.up(timeout=args.timeout, node_timeout=args.node_timeout, wait_node=not args.no_wait_node,
                        watch_pid=args.watch_pid)

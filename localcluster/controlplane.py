@@ -8,6 +8,7 @@ Everything a cluster owns lives in its state directory (default ./.state/cluster
     certs/            CA, serving pair, service-account signing pair
     etcd/             etcd's data (kept across down/up; removed with `down --purge`)
     logs/<role>.log   output of each process
+    dns/Corefile      the cluster DNS's configuration (CoreDNS on port 53 of the pod network's last address)
     node/             the node agent's state: pod logs under node/pods/<namespace>/<pod>/<container>.log
 
 Ports are picked free on 127.0.0.1 at every `up`, so clusters in different state directories run side by side.
@@ -31,14 +32,18 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import certs, processes, provision
+from . import certs, dns, kueue, processes, provision
+from .nodeagent.addresses import default_pod_network
+from .nodeagent.node import DEFAULT_NODES
 from .processes import ProcRecord
 
 STATE_FILE = "cluster.json"
 DEFAULT_NAME = "rlhf-local"
 SERVICE_CIDR = "10.0.0.0/24"
 SA_ISSUER = "https://kubernetes.default.svc"
-# Defaults of 1.20 plus the webhooks, named so the operator's admission webhook visibly has what it needs.
+PORT_NAMES = ("etcd", "etcd_peer", "apiserver", "dns_ready", "kueue_webhook", "kueue_health", "kueue_metrics")
+ADDONS = ("kueue",)
+# Kubernetes' defaults plus the webhooks, named so the operator's admission webhook visibly has what it needs.
 # ServiceAccount admission stays off: there is no token controller, and pods get no API credentials anyway.
 ADMISSION_PLUGINS = (
     "NamespaceLifecycle,LimitRanger,DefaultStorageClass,DefaultTolerationSeconds,StorageObjectInUseProtection,"
@@ -46,8 +51,8 @@ ADMISSION_PLUGINS = (
 )
 # Stop order: the watchdog, then the node agent (it ends its pods while the API server can still record it),
 # then the controllers, the API server, and etcd last. Seconds of grace before SIGKILL per stage.
-STOP_STAGES = (("watchdog",), ("node-agent",), ("kube-scheduler", "kube-controller-manager"), ("kube-apiserver",),
-               ("etcd",))
+STOP_STAGES = (("watchdog",), ("node-agent",), ("kube-scheduler", "kube-controller-manager", "coredns", "kueue"),
+               ("kube-apiserver",), ("etcd",))
 STOP_GRACE = (5.0, 25.0, 10.0, 10.0, 10.0)
 
 Log = Callable[[str], None]
@@ -127,13 +132,25 @@ def controller_manager_argv(binary: Path, state: Path, name: str) -> list[str]:
         f"--service-account-private-key-file={state / 'certs' / 'sa.key'}",
         f"--root-ca-file={state / 'certs' / 'ca.crt'}",
         "--controllers=*,-serviceaccount-token,-service,-cloud-node-lifecycle", "--leader-elect=false",
-        "--bind-address=127.0.0.1", "--secure-port=0", "--port=0", "--profiling=false",
+        "--bind-address=127.0.0.1", "--secure-port=0", "--profiling=false",
     ]
 
 
 def scheduler_argv(binary: Path, state: Path) -> list[str]:
     return [str(binary), f"--kubeconfig={state / 'kubeconfig'}", "--leader-elect=false",
-            "--bind-address=127.0.0.1", "--secure-port=0", "--port=0", "--profiling=false"]
+            "--bind-address=127.0.0.1", "--secure-port=0", "--profiling=false"]
+
+
+def coredns_argv(binary: str, corefile: Path) -> list[str]:
+    return [binary, "-conf", str(corefile)]
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
 
 
 def node_agent_available() -> bool:
@@ -152,13 +169,18 @@ class Cluster:
     """A cluster in one state directory. Cheap to construct: it only reads the state file when asked."""
 
     def __init__(self, state_dir: str | Path | None = None, *, name: str | None = None,
-                 nodes: Sequence[str] | None = None, bin_dir: str | Path | None = None, node_agent: bool = True):
+                 nodes: Sequence[str] | None = None, bin_dir: str | Path | None = None, node_agent: bool = True,
+                 addons: Sequence[str] = ()):
         self.state_dir = str(Path(state_dir or default_state_dir()).resolve())
         self._root = Path(self.state_dir)
         self._name = name
-        self.nodes = list(nodes or [])
-        self.bin_dir = Path(bin_dir) if bin_dir else provision.bin_dir()
+        self.nodes = list(nodes or DEFAULT_NODES)
+        self.bin_dir = Path(bin_dir) if bin_dir else None  # None: the provisioned cache
         self.node_agent = node_agent
+        unknown = sorted(set(addons) - set(ADDONS))
+        if unknown:
+            raise ClusterError(f"unknown add-on(s) {', '.join(unknown)}: choose from {', '.join(ADDONS)}")
+        self.addons = tuple(addons)
 
     # -- paths and views --------------------------------------------------------------------------------------
 
@@ -283,18 +305,21 @@ class Cluster:
         return elapsed
 
     def _binaries(self) -> dict[str, str]:
+        paths = provision.binary_paths(names=(*provision.DEFAULT_COMPONENTS, *self.addons))
+        if self.bin_dir:  # binaries of one directory (tests, a hand-made build); the rest from the cache
+            paths.update({n: self.bin_dir / n for n in paths if (self.bin_dir / n).exists()})
         found = {}
-        for name in provision.BINARIES:
-            path = self.bin_dir / name
+        for name, path in paths.items():
             if not os.access(path, os.X_OK):
-                raise ClusterError(f"{path} not found: build the control plane first with "
-                                   "`python -m localcluster provision` (about 6 minutes, cached afterwards)")
+                extra = "".join(f" --with {a}" for a in self.addons)
+                raise ClusterError(f"{path} not found: build the cluster's binaries first with "
+                                   f"`python -m localcluster provision{extra}` (cached afterwards)")
             found[name] = str(path)
-        etcd = shutil.which("etcd") or ("/usr/bin/etcd" if os.access("/usr/bin/etcd", os.X_OK) else None)
-        if not etcd:
-            raise ClusterError("etcd not found: `python -m localcluster provision` installs Debian's etcd-server")
-        found["etcd"] = etcd
         return found
+
+    def _dns_wanted(self) -> bool:
+        """Cluster DNS serves pods, so it runs with the node agent; port 53 needs root (as the agent does)."""
+        return self.node_agent and os.geteuid() == 0
 
     def _prepare(self, new_ports: bool = False) -> dict:
         self._root.mkdir(parents=True, exist_ok=True)
@@ -305,10 +330,13 @@ class Cluster:
         old = self._load()
         ports = old.get("ports") or {}
         # Reuse the last ports when free (etcd keeps its peer URL in its data); otherwise pick new ones.
-        if new_ports or not (ports and all(port_free(p) for p in ports.values())):
-            ports = dict(zip(("etcd", "etcd_peer", "apiserver"), free_ports(3), strict=True))
+        if new_ports or set(ports) != set(PORT_NAMES) or not all(port_free(p) for p in ports.values()):
+            ports = dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES)), strict=True))
+        network = default_pod_network(self.node_state_dir)
         state = {"name": self._name or old.get("name") or DEFAULT_NAME, "marker": uuid.uuid4().hex, "ports": ports,
-                 "nodes": self.nodes, "processes": [], "started_at": time.time()}
+                 "nodes": self.nodes, "pod_network": network,
+                 "dns": dns.dns_address(network) if self._dns_wanted() else "",
+                 "processes": [], "started_at": time.time()}
         self._save(state)
         return state
 
@@ -352,6 +380,7 @@ class Cluster:
         self._spawn(state, "kube-controller-manager",
                     controller_manager_argv(Path(bins["kube-controller-manager"]), root, state["name"]))
         self._spawn(state, "kube-scheduler", scheduler_argv(Path(bins["kube-scheduler"]), root))
+        coredns = self._start_dns(state, bins) if state["dns"] else None
         if watch_pid:
             ticks = processes.start_ticks(watch_pid)
             self._spawn(state, "watchdog", [sys.executable, "-m", "localcluster", "_watch", "--state-dir",
@@ -362,7 +391,8 @@ class Cluster:
             log("  WARNING: the node agent (localcluster/nodeagent) is not installed: no Node, pods will not run")
             return
         argv = [sys.executable, "-m", "localcluster.nodeagent", "--kubeconfig", self.kubeconfig,
-                "--state-dir", self.node_state_dir]
+                "--state-dir", self.node_state_dir, "--pod-network", state["pod_network"],
+                "--cluster-dns", state["dns"], "--cluster-domain", dns.CLUSTER_DOMAIN]
         for spec in self.nodes:
             argv += ["--node", spec]
         agent = self._spawn(state, "node-agent", argv)
@@ -376,6 +406,82 @@ class Cluster:
             self._wait(f"Ready node(s) {', '.join(sorted(want)) or '(the default one)'} from the node agent", agent,
                        nodes_ready, node_timeout)
             log(f"  node(s) Ready after {time.monotonic() - t0:.1f} s: {', '.join(self.ready_nodes())}")
+        if coredns is not None:
+            self._wait("CoreDNS /ready (its kubernetes plugin has synced)", coredns,
+                       lambda: _http_ok(f"http://127.0.0.1:{ports['dns_ready']}/ready"), timeout)
+            log(f"  cluster DNS ready after {time.monotonic() - t0:.1f} s on {state['dns']}:53")
+        if "kueue" in self.addons:
+            self._start_kueue(state, bins, timeout)
+            log(f"  Kueue ready after {time.monotonic() - t0:.1f} s (ClusterQueue {kueue.CLUSTER_QUEUE}, "
+                f"LocalQueue default/{kueue.LOCAL_QUEUE})")
+
+    def _start_kueue(self, state: dict, bins: dict[str, str], timeout: float) -> None:
+        """CRDs, the manager, its webhooks (by URL, our CA), then the default queues (see kueue.py)."""
+        from .nodeagent.kube import ApiError, Kube
+
+        ports, kube = state["ports"], Kube(self.kubeconfig)
+        mdir = provision.manifest_dir(None, provision.KUEUE)
+        certs.ensure_serving_pair(self._root / "certs", "kueue")
+        cert_dir = self._root / "kueue" / "certs"
+        cert_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self._root / "certs" / "kueue.crt", cert_dir / "tls.crt")
+        shutil.copyfile(self._root / "certs" / "kueue.key", cert_dir / "tls.key")
+
+        def apply(path: str, obj: dict) -> None:
+            try:
+                kube.create(path, obj)
+            except ApiError as e:
+                if e.status != 409:
+                    raise
+                current = kube.get(f"{path}/{obj['metadata']['name']}")
+                obj = {**obj, "metadata": {**obj["metadata"], "resourceVersion": current["metadata"]["resourceVersion"]}}
+                kube.request("PUT", f"{path}/{obj['metadata']['name']}", obj)
+
+        apply("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": kueue.NAMESPACE}})
+        crd_path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+        names = []
+        for crd in kueue.crds(mdir):
+            apply(crd_path, crd)
+            names.append(crd["metadata"]["name"])
+
+        def established(name: str) -> bool:
+            conds = (kube.get(f"{crd_path}/{name}").get("status") or {}).get("conditions") or []
+            return any(c.get("type") == "Established" and c.get("status") == "True" for c in conds)
+
+        deadline = time.monotonic() + timeout
+        while not all(established(n) for n in names):  # the manager exits on a kind not served yet
+            if time.monotonic() > deadline:
+                raise ClusterError(f"Kueue's CRDs not Established within {timeout:.0f} s: {', '.join(names)}")
+            time.sleep(0.2)
+        cfg = self._root / "kueue" / "config.yaml"
+        kueue.write_config(cfg, kueue.config(ports["kueue_webhook"], ports["kueue_health"], ports["kueue_metrics"],
+                                             str(cert_dir)))
+        rec = self._spawn(state, "kueue", kueue.manager_argv(bins["kueue"], str(cfg), str(cert_dir)))
+        self._wait("Kueue /readyz", rec, lambda: _http_ok(f"http://127.0.0.1:{ports['kueue_health']}/readyz"), timeout)
+        ca = (self._root / "certs" / "ca.crt").read_bytes()
+        for hook in kueue.webhook_configurations((mdir / "webhook" / "manifests.yaml").read_text(),
+                                                 ports["kueue_webhook"], ca):
+            plural = "mutatingwebhookconfigurations" if hook["kind"].startswith("Mutating") \
+                else "validatingwebhookconfigurations"
+            apply(f"/apis/admissionregistration.k8s.io/v1/{plural}", hook)
+
+        def queues_created() -> bool:
+            try:
+                for path, obj in kueue.default_queues(self.nodes):
+                    apply(path, obj)
+            except ApiError:  # the webhooks may need a moment to be served
+                return False
+            return True
+
+        self._wait("Kueue's default ResourceFlavor, ClusterQueue and LocalQueue", rec, queues_created, timeout)
+
+    def _start_dns(self, state: dict, bins: dict[str, str]) -> ProcRecord:
+        host = dns.HOST_RESOLV_CONF.read_text() if dns.HOST_RESOLV_CONF.exists() else ""
+        corefile = self._root / "dns" / "Corefile"
+        corefile.parent.mkdir(parents=True, exist_ok=True)
+        corefile.write_text(dns.corefile(state["dns"], state["ports"]["dns_ready"], self.kubeconfig,
+                                         dns.upstreams(host, state["dns"])))
+        return self._spawn(state, "coredns", coredns_argv(bins["coredns"], corefile))
 
     def _write_kubeconfig(self, state: dict) -> None:
         ca = (self._root / "certs" / "ca.crt").read_bytes()
@@ -429,6 +535,7 @@ class Cluster:
             "name": state.get("name"), "state_dir": self.state_dir, "kubeconfig": self.kubeconfig,
             "server": f"https://127.0.0.1:{state['ports']['apiserver']}" if state.get("ports") else None,
             "ready": ready, "ready_seconds": state.get("ready_seconds"), "processes": procs,
+            "dns": state.get("dns") or None, "pod_network": state.get("pod_network"),
             "ready_nodes": self.ready_nodes() if ready else [],
         }
 

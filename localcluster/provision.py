@@ -1,14 +1,21 @@
-"""Provisioning: Kubernetes v1.20.2 control-plane binaries built from Debian's source package, cached by version.
+"""Provisioning: the embedded cluster's binaries, built from pinned Go modules and cached by version.
 
-Steps (each idempotent; the whole run is skipped when the cached binaries exist and report the right version):
-  1. apt packages      etcd, Go, build tools, Debian's reflect2 1.0.2 sources
-  2. deb-src entry     so apt can fetch bookworm's `kubernetes` source package
-  3. download source   `apt-get source --download-only kubernetes` (kept in the cache)
-  4. unpack            `dpkg-source -x` (applies Debian's patches)
-  5. fix reflect2      vendored reflect2 1.0.1 crashes the API server under Go >= 1.18 on the first custom
-                       resource; swap in Debian's 1.0.2 sources
-  6. build             `make WHAT=...` in the GOPATH layout Debian's packaging uses
-  7. install           copy the three binaries to <cache>/k8s-v1.20.2/bin/
+Components (each a small build module under localcluster/gobuild/<name>/ whose go.mod pins it):
+  k8s      kube-apiserver, kube-controller-manager, kube-scheduler of k8s.io/kubernetes (go.mod replaces every
+           k8s.io staging module by its published v0.x twin: k8s.io/kubernetes's own replaces point into its
+           tree and do not apply to a module that depends on it)
+  etcd     go.etcd.io/etcd/server/v3
+  coredns  CoreDNS with only the plugins the cluster DNS uses (main.go)
+  kueue    sigs.k8s.io/kueue's manager, only with `provision --with kueue`
+
+Steps per component (skipped when its cached binaries report the pinned version):
+  1. go        a Go toolchain new enough for the pinned modules (/usr/local/go/bin/go, $RLHF_GO or go on PATH)
+  2. download  `go mod download` in a copy of the build module (the module cache is shared with other builds)
+  3. patch     k8s only: a copy of k8s.io/kubernetes (hard links into the module cache) whose Endpoints and
+               EndpointSlice validation accepts loopback addresses, which every pod here has (127.x.y.z)
+  4. manifests kueue only: its CRDs and webhook manifests, copied to <cache>/kueue-<version>/manifests/
+  5. build     `go build -trimpath -ldflags=-s -w` with CGO_ENABLED=0
+  6. install   binaries to <cache>/<name>-<version>/bin/, checked with --version (kueue: a stamp file)
 """
 
 from __future__ import annotations
@@ -22,32 +29,69 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-K8S_VERSION = "v1.20.2"
-BINARIES = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
-APT_PACKAGES = (
-    "etcd-server",
-    "golang-go",
-    "rsync",
-    "jq",
-    "dpkg-dev",
-    "golang-github-modern-go-reflect2-dev",
-    "openssl",
-    "util-linux",
+GOBUILD_DIR = Path(__file__).resolve().parent / "gobuild"
+MIN_GO = (1, 24)
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    version: str
+    packages: tuple[tuple[str, str], ...]  # (binary name, Go main package)
+    expect: str  # what `<binary> <version_flag>` prints ("" version_flag: a stamp file next to it says)
+    version_flag: str = "--version"
+    ldflags: tuple[str, ...] = ()
+    min_go: tuple[int, int] = MIN_GO
+    optional: bool = False  # built only when asked for (`provision --with NAME`)
+    manifests: tuple[tuple[str, str], ...] = ()  # (module, directory in it) copied to <cache>/<key>/manifests/
+
+    @property
+    def binaries(self) -> tuple[str, ...]:
+        return tuple(b for b, _ in self.packages)
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}-{self.version}"
+
+
+# v1.34.4: the newest v1.34 patch release the module proxy listed when pinned; the whole suite (kopf 1.45, the
+# kubernetes client 37, the chart) runs against it.
+K8S_VERSION = "v1.34.4"
+_V = "k8s.io/component-base/version"
+K8S = Component(
+    "k8s", K8S_VERSION,
+    (("kube-apiserver", "k8s.io/kubernetes/cmd/kube-apiserver"),
+     ("kube-controller-manager", "k8s.io/kubernetes/cmd/kube-controller-manager"),
+     ("kube-scheduler", "k8s.io/kubernetes/cmd/kube-scheduler")),
+    expect=f"Kubernetes {K8S_VERSION}",
+    # What `make` would stamp: without it the binaries report v0.0.0-master and clients see no version.
+    ldflags=(f"-X {_V}.gitVersion={K8S_VERSION}", f"-X {_V}.gitMajor=1",
+             f"-X {_V}.gitMinor={K8S_VERSION.split('.')[1]}", f"-X {_V}.gitTreeState=clean",
+             f"-X {_V}.buildDate=1970-01-01T00:00:00Z"),
 )
-SOURCE_PACKAGE = "kubernetes"
-SOURCE_VERSION_MARK = "really1.20.2"  # Debian's version is 1.20.5+really1.20.2-...: the tree is v1.20.2
-DEB_SRC_FILE = Path("/etc/apt/sources.list.d/rlhf-deb-src.sources")
-DEB_SRC_ENTRY = """\
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: bookworm
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-"""
-REFLECT2_SRC = Path("/usr/share/gocode/src/github.com/modern-go/reflect2")
-REFLECT2_VENDOR = Path("vendor/github.com/modern-go/reflect2")
+ETCD = Component("etcd", "v3.6.8", (("etcd", "go.etcd.io/etcd/server/v3"),), expect="etcd Version: 3.6.8")
+COREDNS = Component("coredns", "v1.13.1", (("coredns", "."),), expect="CoreDNS-1.13.1", version_flag="-version")
+# Kueue's binary has no version flag: a stamp file records what was built.
+KUEUE = Component("kueue", "v0.17.0", (("kueue", "sigs.k8s.io/kueue/cmd/kueue"),), expect="kueue-v0.17.0",
+                  version_flag="", ldflags=("-X sigs.k8s.io/kueue/pkg/version.GitVersion=v0.17.0",), min_go=(1, 25),
+                  optional=True, manifests=(("sigs.k8s.io/kueue", "config/components/crd/bases"),
+                                            ("sigs.k8s.io/kueue", "config/components/webhook")))
+COMPONENTS = {c.name: c for c in (K8S, ETCD, COREDNS, KUEUE)}
+DEFAULT_COMPONENTS = tuple(c.name for c in COMPONENTS.values() if not c.optional)
+
+# The one source change: Endpoints/EndpointSlice addresses may be loopback (pods have 127.x.y.z addresses here,
+# so without it no Service would get endpoints and the cluster DNS could not resolve headless names).
+LOOPBACK_PATCH_FILE = "pkg/apis/core/validation/validation.go"
+LOOPBACK_PATCH_OLD = (
+    "\tif ip.IsLoopback() {\n"
+    "\t\tallErrs = append(allErrs, field.Invalid(fldPath, ipAddress, "
+    "\"may not be in the loopback range (127.0.0.0/8, ::1/128)\"))\n"
+    "\t}\n"
+)
+LOOPBACK_PATCH_NEW = "\t// localcluster: loopback allowed, every pod of the embedded cluster has a 127.x.y.z address.\n"
 
 Log = Callable[[str], None]
 
@@ -66,26 +110,52 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RLHF_CACHE_DIR") or Path.home() / ".cache" / "rlhf-platform")
 
 
-def version_dir(cache: Path | None = None) -> Path:
-    return (cache or cache_dir()) / f"k8s-{K8S_VERSION}"
+def version_dir(cache: Path | None = None, component: Component = K8S) -> Path:
+    return (cache or cache_dir()) / component.key
 
 
-def bin_dir(cache: Path | None = None) -> Path:
-    return version_dir(cache) / "bin"
+def bin_dir(cache: Path | None = None, component: Component = K8S) -> Path:
+    return version_dir(cache, component) / "bin"
 
 
-def check_binaries(bdir: Path) -> str | None:
-    """None when all three binaries in bdir run and report K8S_VERSION; else why not."""
-    for name in BINARIES:
+def manifest_dir(cache: Path | None = None, component: Component = K8S) -> Path:
+    return version_dir(cache, component) / "manifests"
+
+
+def binary_paths(cache: Path | None = None, names: Sequence[str] = DEFAULT_COMPONENTS) -> dict[str, Path]:
+    """binary name -> its cached path, for the named components."""
+    return {b: bin_dir(cache, COMPONENTS[n]) / b for n in names for b in COMPONENTS[n].binaries}
+
+
+def check_binaries(bdir: Path, component: Component = K8S) -> str | None:
+    """None when every binary of the component in bdir runs and reports its version; else why not."""
+    for name in component.binaries:
         path = bdir / name
         if not os.access(path, os.X_OK):
             return f"{path} is missing or not executable"
+        if not component.version_flag:
+            stamp = path.with_name(f"{name}.version")
+            found = stamp.read_text().strip() if stamp.exists() else "no stamp"
+            if found != component.expect:
+                return f"{stamp} says {found!r}, expected {component.expect!r}"
+            continue
         try:
-            out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=30)
+            out = subprocess.run([str(path), component.version_flag], capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            return f"`{path} --version` did not run: {exc}"
-        if out.returncode != 0 or K8S_VERSION not in out.stdout:
-            return f"`{path} --version` printed {out.stdout.strip()!r} (exit {out.returncode}), expected {K8S_VERSION}"
+            return f"`{path} {component.version_flag}` did not run: {exc}"
+        printed = out.stdout + out.stderr
+        if out.returncode != 0 or component.expect not in printed:
+            return (f"`{path} {component.version_flag}` printed {printed.strip()[:200]!r} (exit {out.returncode}), "
+                    f"expected {component.expect!r}")
+    return None
+
+
+def check_all(cache: Path | None = None, names: Sequence[str] = DEFAULT_COMPONENTS) -> str | None:
+    """None when every binary `up` needs is cached; else why not."""
+    for name in names:
+        reason = check_binaries(bin_dir(cache, COMPONENTS[name]), COMPONENTS[name])
+        if reason:
+            return reason
     return None
 
 
@@ -94,27 +164,21 @@ def _tail(text: str, lines: int = 25) -> str:
 
 
 def run_step(step: str, argv: Sequence[str], hint: str, *, cwd: Path | None = None, env: dict | None = None,
-             log: Log = print) -> str:
+             log: Log = print, log_file: Path | None = None) -> str:
     """Run one command of a step; on failure raise ProvisionError with its output's tail."""
     command = shlex.join(argv)
-    log(f"    $ {command}")
+    log(f"    $ {command}" + (f"   (output in {log_file})" if log_file else ""))
     try:
         out = subprocess.run(list(argv), cwd=cwd, env=env, capture_output=True, text=True)
     except OSError as exc:
         raise ProvisionError(step, command, f"could not start: {exc}", hint) from exc
+    if log_file:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        log_file.write_text(out.stdout + out.stderr)
     if out.returncode != 0:
         raise ProvisionError(step, command, f"exit code {out.returncode}, output:\n{_tail(out.stdout + out.stderr)}",
                              hint)
     return out.stdout
-
-
-def _as_root(argv: Sequence[str], step: str, hint: str) -> list[str]:
-    if os.geteuid() == 0:
-        return list(argv)
-    if shutil.which("sudo"):
-        return ["sudo", "-n", *argv]
-    raise ProvisionError(step, shlex.join(argv), "needs root and sudo is not installed",
-                         f"run `python -m localcluster provision` as root, or {hint}")
 
 
 @contextmanager
@@ -132,189 +196,200 @@ def _locked(path: Path):
 # ---- steps ---------------------------------------------------------------------------------------------------
 
 
-def _missing_packages(packages: Sequence[str]) -> list[str]:
-    missing = []
-    for pkg in packages:
-        out = subprocess.run(["dpkg-query", "-W", "-f=${db:Status-Status}", pkg], capture_output=True, text=True)
-        if out.stdout.strip() != "installed":
-            missing.append(pkg)
-    return missing
+def find_go() -> str | None:
+    for candidate in (os.environ.get("RLHF_GO"), "/usr/local/go/bin/go", shutil.which("go")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
 
 
-def step_apt_packages(log: Log) -> None:
-    step = "apt packages"
-    if not shutil.which("dpkg-query"):
-        raise ProvisionError(step, "dpkg-query", "not a Debian-based system",
-                             "provision on Debian bookworm (the recipe uses Debian's packages)")
-    missing = _missing_packages(APT_PACKAGES)
-    if not missing:
-        log("    all installed")
-        return
-    hint = f"check network access to deb.debian.org, then run `apt-get install {' '.join(missing)}` by hand"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    run_step(step, _as_root(["apt-get", "update"], step, hint), hint, env=env, log=log)
-    run_step(step, _as_root(["apt-get", "install", "-y", "--no-install-recommends", *missing], step, hint), hint,
-             env=env, log=log)
+def parse_go_version(text: str) -> tuple[int, int] | None:
+    """`go version go1.26.8 linux/amd64` -> (1, 26)."""
+    m = re.search(r"\bgo(\d+)\.(\d+)", text)
+    return (int(m.group(1)), int(m.group(2))) if m else None
 
 
-def _source_known() -> bool:
-    out = subprocess.run(["apt-cache", "showsrc", SOURCE_PACKAGE], capture_output=True, text=True)
-    return out.returncode == 0 and SOURCE_VERSION_MARK in out.stdout
+def step_go(component: Component, log: Log) -> str:
+    go = find_go()
+    want = ".".join(map(str, component.min_go))
+    if not go:
+        raise ProvisionError("go", "go version", "no Go toolchain: not /usr/local/go/bin/go, $RLHF_GO or go on PATH",
+                             f"install Go >= {want} (https://go.dev/dl) at /usr/local/go or set RLHF_GO")
+    out = run_step("go", [go, "version"], f"check the Go installation at {go}", log=log)
+    have = parse_go_version(out)
+    if have is None or have < component.min_go:
+        raise ProvisionError("go", f"{go} version", f"printed {out.strip()!r}; {component.key} needs Go >= {want}",
+                             f"install Go >= {want} at /usr/local/go, set RLHF_GO to it, or export "
+                             f"GOTOOLCHAIN=go{want}.0 to let the go command fetch that toolchain")
+    return go
 
 
-def step_deb_src(log: Log) -> None:
-    step = "deb-src entry"
-    if _source_known():
-        log("    apt already knows the kubernetes source package")
-        return
-    hint = (f"create {DEB_SRC_FILE} with a deb-src entry for bookworm main (see localcluster/provision.py), "
-            "then run `apt-get update`")
-    if not DEB_SRC_FILE.exists():
-        log(f"    writing {DEB_SRC_FILE}")
-        if os.geteuid() == 0:
-            DEB_SRC_FILE.write_text(DEB_SRC_ENTRY)
-        else:
-            cmd = _as_root(["tee", str(DEB_SRC_FILE)], step, hint)
-            out = subprocess.run(cmd, input=DEB_SRC_ENTRY, capture_output=True, text=True)
-            if out.returncode != 0:
-                raise ProvisionError(step, shlex.join(cmd), out.stderr, hint)
-    run_step(step, _as_root(["apt-get", "update"], step, hint), hint, log=log)
-    if not _source_known():
-        raise ProvisionError(step, f"apt-cache showsrc {SOURCE_PACKAGE}",
-                             f"no source version containing {SOURCE_VERSION_MARK} after apt-get update", hint)
+def go_env(build: Path) -> dict[str, str]:
+    env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=mod", "GOWORK": "off"}
+    env.setdefault("GOTOOLCHAIN", "local")
+    env["GOPATH"] = os.environ.get("GOPATH") or str(Path.home() / "go")  # the shared module cache
+    return env
 
 
-def _find_dsc(directory: Path) -> Path | None:
-    found = sorted(directory.glob(f"{SOURCE_PACKAGE}_*{SOURCE_VERSION_MARK}*.dsc"))
-    if not found:
-        return None
-    dsc = found[-1]
-    files = re.findall(r"^ [0-9a-f]{32,} \d+ (\S+)$", dsc.read_text(), re.M)
-    return dsc if files and all((directory / f).exists() for f in files) else None
+def step_download(component: Component, go: str, build: Path, log: Log) -> None:
+    step = "download"
+    src = GOBUILD_DIR / component.name
+    if not (src / "go.mod").exists():
+        raise ProvisionError(step, f"cp -r {src} {build}", f"{src / 'go.mod'} is missing",
+                             "restore localcluster/gobuild/ from the repository (git checkout localcluster/gobuild)")
+    shutil.rmtree(build, ignore_errors=True)
+    shutil.copytree(src, build)
+    hint = ("check access to the Go module proxy (`go env GOPROXY`; GOPROXY, GONOSUMDB and GOFLAGS from the "
+            "environment are used) and free disk space, then rerun `python -m localcluster provision`")
+    run_step(step, [go, "mod", "download"], hint, cwd=build, env=go_env(build), log=log,
+             log_file=build.parent / "download.log")
 
 
-def step_download_source(src_dir: Path, log: Log) -> Path:
-    step = "download source"
-    dsc = _find_dsc(src_dir) if src_dir.exists() else None
-    if dsc:
-        log(f"    cached: {dsc}")
-        return dsc
-    src_dir.mkdir(parents=True, exist_ok=True)
-    hint = "check the deb-src entry and network access to deb.debian.org; retry `python -m localcluster provision`"
-    run_step(step, ["apt-get", "source", "--download-only", SOURCE_PACKAGE], hint, cwd=src_dir, log=log)
-    dsc = _find_dsc(src_dir)
-    if not dsc:
-        raise ProvisionError(step, "apt-get source --download-only kubernetes",
-                             f"no complete {SOURCE_PACKAGE}_*{SOURCE_VERSION_MARK}*.dsc in {src_dir}",
-                             f"delete {src_dir} and retry; the bookworm source must be version 1.20.5+really1.20.2")
-    return dsc
+def module_dir(go: str, build: Path, module: str) -> Path:
+    out = run_step("patch", [go, "list", "-m", "-f", "{{.Dir}}", module],
+                   f"run `go mod download {module}` in {build} by hand and read its error",
+                   cwd=build, env=go_env(build), log=lambda _m: None)
+    return Path(out.strip())
 
 
-def step_unpack(dsc: Path, tree: Path, log: Log) -> None:
-    step = "unpack"
-    if tree.exists():
-        shutil.rmtree(tree)
-    tree.parent.mkdir(parents=True, exist_ok=True)
-    run_step(step, ["dpkg-source", "-x", str(dsc), str(tree)],
-             f"check free disk space under {tree.parent} (about 2 GiB needed) and that dpkg-dev is installed",
-             log=log)
+def patched_source(text: str) -> str:
+    """validation.go with loopback endpoint addresses allowed; refuses a file the patch was not written for."""
+    if text.count(LOOPBACK_PATCH_OLD) != 1:
+        raise ValueError("the loopback check of ValidateEndpointIP was not found exactly once")
+    return text.replace(LOOPBACK_PATCH_OLD, LOOPBACK_PATCH_NEW)
 
 
-def step_fix_reflect2(tree: Path, log: Log) -> None:
-    step = "fix reflect2"
-    if not (REFLECT2_SRC / "reflect2.go").exists():
-        raise ProvisionError(step, f"copy {REFLECT2_SRC}", "Debian's reflect2 sources are not there",
-                             "apt-get install golang-github-modern-go-reflect2-dev (version 1.0.2)")
-    vendored = tree / REFLECT2_VENDOR
-    shutil.rmtree(vendored, ignore_errors=True)
-    shutil.copytree(REFLECT2_SRC, vendored, ignore=shutil.ignore_patterns("*_test.go"))
-    log(f"    {vendored} <- {REFLECT2_SRC} (without *_test.go)")
+def step_patch(go: str, build: Path, log: Log) -> None:
+    """A copy of k8s.io/kubernetes (hard links where possible) with the one patched file; go.mod points at it."""
+    step = "patch"
+    original = module_dir(go, build, "k8s.io/kubernetes")
+    tree = build.parent / "kubernetes"
+    shutil.rmtree(tree, ignore_errors=True)
+    try:
+        shutil.copytree(original, tree, copy_function=os.link)
+    except OSError:  # another filesystem: a plain copy (about 110 MB)
+        shutil.rmtree(tree, ignore_errors=True)
+        shutil.copytree(original, tree)
+    target = tree / LOOPBACK_PATCH_FILE
+    try:
+        text = patched_source(target.read_text())
+    except ValueError as exc:
+        raise ProvisionError(step, f"patch {target}", str(exc),
+                             f"the patch fits k8s.io/kubernetes {K8S_VERSION}; keep that version in "
+                             "localcluster/gobuild/k8s/go.mod or update LOOPBACK_PATCH_OLD") from exc
+    target.parent.chmod(0o755)  # module cache directories are read-only
+    target.unlink()
+    target.write_text(text)
+    run_step(step, [go, "mod", "edit", f"-replace=k8s.io/kubernetes={tree}"], f"check {build / 'go.mod'}",
+             cwd=build, env=go_env(build), log=log)
+    log(f"    {LOOPBACK_PATCH_FILE}: Endpoints/EndpointSlices may hold loopback addresses (pods are 127.x.y.z)")
 
 
-def step_build(tree: Path, log: Log) -> None:
+def step_manifests(component: Component, go: str, build: Path, dest: Path, log: Log) -> None:
+    """CRDs and webhook manifests from the module, so that `up` does not need the module cache."""
+    shutil.rmtree(dest, ignore_errors=True)
+    for module, sub in component.manifests:
+        src = module_dir(go, build, module) / sub
+        if not src.is_dir():
+            raise ProvisionError("manifests", f"cp -r {src} {dest}", f"{module} has no {sub}",
+                                 f"pin a {module} version that ships {sub} in localcluster/gobuild/{component.name}")
+        shutil.copytree(src, dest / Path(sub).name, ignore=shutil.ignore_patterns("kustomiz*"))
+        for path in (dest / Path(sub).name).rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)  # module cache files are read-only
+    log(f"    {', '.join(sub for _, sub in component.manifests)} -> {dest}")
+
+
+def step_build(component: Component, go: str, build: Path, out: Path, log: Log) -> None:
     step = "build"
-    gopath = tree / ".go"
-    link = gopath / "src" / "k8s.io" / "kubernetes"
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if not link.is_symlink():
-        link.symlink_to(tree)
-    env = {
-        **os.environ,
-        "GOPATH": str(gopath),
-        "CGO_ENABLED": "0",
-        "GOFLAGS": "-mod=vendor",
-        "GO111MODULE": "on",
-        "PATH": f"/usr/lib/go/bin:{os.environ.get('PATH', '/usr/bin:/bin')}",
-    }
-    argv = ["make", f"WHAT={' '.join('cmd/' + b for b in BINARIES)}"]
-    log_file = tree.parent / "make.log"
-    log(f"    $ {shlex.join(argv)}   (in {link}; full output in {log_file}; ~5 min on 2 cores)")
-    with open(log_file, "w") as out:
-        proc = subprocess.Popen(argv, cwd=link, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        assert proc.stdout is not None
-        showing = False
-        for line in proc.stdout:
-            out.write(line)
-            # The build's own progress lines ("+++ ... Building go targets:") and the target names under them.
-            showing = line.startswith("+++") or (showing and line.startswith("    "))
-            if showing:
-                log("    " + line.rstrip())
-        code = proc.wait()
-    if code != 0:
-        raise ProvisionError(step, shlex.join(argv), f"exit code {code}, output:\n{_tail(log_file.read_text())}",
-                             f"read {log_file}; check `go version` (Debian's golang-go 1.19), rsync, jq and free "
-                             "disk space, then retry")
+    out.mkdir(parents=True, exist_ok=True)
+    ldflags = " ".join(("-s", "-w", *component.ldflags))
+    hint = (f"read {build.parent / 'build.log'}; check `go version` (>= {'.'.join(map(str, component.min_go))}) and "
+            "free disk space under ~/.cache/go-build, then rerun `python -m localcluster provision`")
+    packages = [p for _, p in component.packages]
+    if len(packages) == 1:
+        target = ["-o", str(out / component.binaries[0])]
+    else:  # one invocation: packages shared by the binaries compile once; -o DIR names them after the packages
+        target = ["-o", str(out) + "/"]
+    argv = [go, "build", "-trimpath", f"-ldflags={ldflags}", *target, *packages]
+    run_step(step, argv, hint, cwd=build, env=go_env(build), log=log, log_file=build.parent / "build.log")
 
 
-def step_install(tree: Path, bdir: Path, log: Log) -> None:
+def step_install(component: Component, out: Path, bdir: Path, log: Log) -> None:
     step = "install"
     bdir.mkdir(parents=True, exist_ok=True)
-    for name in BINARIES:
-        built = tree / "_output" / "bin" / name
+    for name in component.binaries:
+        built = out / name
         if not built.exists():
             raise ProvisionError(step, f"cp {built} {bdir}", "the build produced no such file",
-                                 f"read {tree.parent / 'make.log'}")
+                                 f"read {out.parent / 'build.log'}")
         tmp = bdir / f".{name}.tmp"
         shutil.copyfile(built, tmp)
         tmp.chmod(0o755)
         os.replace(tmp, bdir / name)  # atomic: a concurrent `up` never sees half a binary
-    reason = check_binaries(bdir)
+        if not component.version_flag:
+            (bdir / f"{name}.version").write_text(component.expect + "\n")
+    reason = check_binaries(bdir, component)
     if reason:
-        raise ProvisionError(step, f"{bdir}/kube-apiserver --version", reason,
+        raise ProvisionError(step, f"{bdir / component.binaries[0]} {component.version_flag}", reason,
                              f"delete {bdir} and rerun `python -m localcluster provision`")
-    log(f"    {', '.join(BINARIES)} -> {bdir}")
+    log(f"    {', '.join(component.binaries)} -> {bdir}")
 
 
 # ---- driver --------------------------------------------------------------------------------------------------
 
 
-def provision(cache: Path | None = None, *, keep_build: bool = False, log: Log = print) -> Path:
-    """Make sure the control-plane binaries are cached; returns their directory."""
-    vdir = version_dir(cache)
-    bdir = bin_dir(cache)
-    if check_binaries(bdir) is None:
-        log(f"[provision] cached Kubernetes {K8S_VERSION} binaries in {bdir}: nothing to do")
+def provision_component(component: Component, cache: Path | None = None, *, keep_build: bool = False,
+                        log: Log = print) -> Path:
+    vdir, bdir = version_dir(cache, component), bin_dir(cache, component)
+    if check_binaries(bdir, component) is None:
+        log(f"[provision] {component.key}: cached in {bdir}, nothing to do")
         return bdir
     with _locked(vdir / ".provision.lock"):
-        if check_binaries(bdir) is None:  # another process built them while we waited
-            log(f"[provision] cached Kubernetes {K8S_VERSION} binaries in {bdir}: nothing to do")
+        if check_binaries(bdir, component) is None:  # another process built them while we waited
+            log(f"[provision] {component.key}: cached in {bdir}, nothing to do")
             return bdir
-        tree = vdir / "build" / "kubernetes"
+        build = vdir / "build" / "module"
         state: dict = {}
         steps: list[tuple[str, Callable[[], object]]] = [
-            ("apt packages", lambda: step_apt_packages(log)),
-            ("deb-src entry", lambda: step_deb_src(log)),
-            ("download source", lambda: state.update(dsc=step_download_source(vdir / "source", log))),
-            ("unpack", lambda: step_unpack(state["dsc"], tree, log)),
-            ("fix reflect2", lambda: step_fix_reflect2(tree, log)),
-            ("build", lambda: step_build(tree, log)),
-            ("install", lambda: step_install(tree, bdir, log)),
+            ("go", lambda: state.update(go=step_go(component, log))),
+            ("download", lambda: step_download(component, state["go"], build, log)),
         ]
+        if component is K8S:
+            steps.append(("patch", lambda: step_patch(state["go"], build, log)))
+        if component.manifests:
+            steps.append(("manifests", lambda: step_manifests(component, state["go"], build, vdir / "manifests",
+                                                              log)))
+        steps += [
+            ("build", lambda: step_build(component, state["go"], build, vdir / "build" / "out", log)),
+            ("install", lambda: step_install(component, vdir / "build" / "out", bdir, log)),
+        ]
+        t_all = time.monotonic()
         for i, (name, fn) in enumerate(steps, 1):
-            log(f"[provision] step {i}/{len(steps)}: {name}")
+            log(f"[provision] {component.key} step {i}/{len(steps)}: {name}")
             t0 = time.monotonic()
             fn()
             log(f"    done in {time.monotonic() - t0:.0f} s")
+        log(f"[provision] {component.key}: built in {time.monotonic() - t_all:.0f} s")
         if not keep_build:
             shutil.rmtree(vdir / "build", ignore_errors=True)
     return bdir
+
+
+def provision(cache: Path | None = None, *, keep_build: bool = False, with_: Sequence[str] = (),
+              log: Log = print) -> Path:
+    """Make sure the cluster's binaries (plus the optional components named in with_) are cached.
+
+    Returns the control plane's bin directory; `binary_paths` gives every binary's path.
+    """
+    t0 = time.monotonic()
+    built = False
+    for name in (*DEFAULT_COMPONENTS, *with_):
+        if name not in COMPONENTS:
+            raise ProvisionError("components", f"--with {name}", f"unknown component {name!r}",
+                                 f"choose from {', '.join(c for c in COMPONENTS if COMPONENTS[c].optional)}")
+        component = COMPONENTS[name]
+        built |= check_binaries(bin_dir(cache, component), component) is not None
+        provision_component(component, cache, keep_build=keep_build, log=log)
+    if built:
+        log(f"[provision] all built in {time.monotonic() - t0:.0f} s")
+    return bin_dir(cache, K8S)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything the platform needs on a fresh Debian bookworm machine (idempotent, cached):
-#   1. Debian packages (etcd, Go and the build tools for Kubernetes, Prometheus, g++ for DeepSpeed's JIT ops)
+#   1. Debian packages (Prometheus, openssl, util-linux, g++ for DeepSpeed's JIT ops)
 #   2. a Python venv at .venv with the pinned requirements and the project's three packages
-#   3. kube-apiserver/controller-manager/scheduler v1.20.2 built from Debian's source (cached by version)
+#   3. kube-apiserver/controller-manager/scheduler v1.34, etcd 3.6 and CoreDNS built from pinned Go modules with
+#      the Go toolchain at /usr/local/go (>= 1.24) and the machine's GOPROXY (cached by version)
 # Prints one line per step; the tools' own output goes to a log that is shown only when a step fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +19,7 @@ die() {
 }
 quiet() { "$@" >>"$LOG" 2>&1; }  # the tool's output goes to the log, shown by die() if it fails
 
-APT_PKGS=(etcd-server golang-go rsync jq dpkg-dev golang-github-modern-go-reflect2-dev prometheus openssl util-linux iproute2 g++ make)
+APT_PKGS=(prometheus openssl util-linux iproute2 g++ make)
 missing=()
 for p in "${APT_PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -51,6 +52,6 @@ else
   step ".venv is up to date (requirements unchanged): reused"
 fi
 
-step "Kubernetes control-plane binaries"
+step "Kubernetes control plane, etcd and CoreDNS (Go modules; cached, the first build takes a while)"
 .venv/bin/python -m localcluster provision || die provision "python -m localcluster provision" "read the step it names above"
 step "done"

@@ -4,8 +4,9 @@ Run it with `python -m localcluster.nodeagent --kubeconfig K --state-dir D [--no
 
 What it does: registers Nodes and keeps them Ready (status + Lease), runs each container's command/args
 as a local process of the project's Python environment in its own mount namespace with the pod's
-volumes bind-mounted, gives each pod its own 127.x.y.z address, reports truthful pod status, honours
-restartPolicy and graceful deletion, and provisions PVCs of the default StorageClass `local-path`.
+volumes bind-mounted, gives each pod its own 127.x.y.z address, hostname (UTS namespace), /etc/hosts and
+/etc/resolv.conf (the cluster DNS, dns.py), reports truthful pod status, honours restartPolicy and graceful
+deletion (eviction included), and provisions PVCs of the default StorageClass `local-path`.
 It enforces the securityContext (user, groups, fsGroup volume ownership, capabilities, no_new_privs,
 read-only root; security.py, shim.py) and resources.limits.memory in a memory cgroup per container,
 reporting a kernel OOM kill as OOMKilled (cgroups.py).

@@ -9,8 +9,8 @@ import signal
 import sys
 
 from . import shared_cache_dir
-from .addresses import default_pod_network, parse_pod_network
-from .node import DEFAULT_NODE_NAME, parse_node_spec, parse_taint
+from .addresses import default_pod_network, is_loopback_ip, parse_pod_network
+from .node import DEFAULT_NODE_NAME, DEFAULT_NODES, parse_node_spec, parse_taint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -20,10 +20,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--state-dir", required=True, help="the cluster's state directory (pods, logs, volumes)")
     p.add_argument("--node", action="append", default=[], metavar="NAME:RES=QTY,...",
                    help=f"a node to register, e.g. {DEFAULT_NODE_NAME}:cpu=16,memory=64Gi,gpu=1 (repeatable; "
-                        f"default one node {DEFAULT_NODE_NAME} with cpu=16, memory=64Gi, nvidia.com/gpu=1, pods=110)")
+                        f"default {' and '.join(DEFAULT_NODES)}, each with cpu=16, memory=64Gi, pods=110)")
     p.add_argument("--taint", action="append", default=[], metavar="KEY[=VALUE]:EFFECT",
                    help="register the node(s) with this taint (repeatable)")
     p.add_argument("--pod-network", help="loopback CIDR for pod IPs (default: a 127.N.0.0/16 derived from --state-dir)")
+    p.add_argument("--cluster-dns", default="", metavar="IP",
+                   help="the cluster DNS server's address: pods with dnsPolicy ClusterFirst get a resolv.conf naming it "
+                        "(default: none, pods keep the host's resolv.conf)")
+    p.add_argument("--cluster-domain", default="cluster.local", help="the cluster's DNS domain (default %(default)s)")
     p.add_argument("--heartbeat-seconds", type=float, default=10.0, help="node status and Lease renewal period")
     p.add_argument("--shutdown-grace-seconds", type=float, default=10.0,
                    help="on SIGTERM, the longest a pod gets to stop before SIGKILL")
@@ -39,12 +43,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-level", default=os.environ.get("LOCALCLUSTER_LOG_LEVEL", "INFO"))
     args = p.parse_args(argv)
     try:
-        args.nodes = [parse_node_spec(s) for s in args.node] or [parse_node_spec(DEFAULT_NODE_NAME)]
+        args.nodes = [parse_node_spec(s) for s in args.node or DEFAULT_NODES]
         taints = [parse_taint(t) for t in args.taint]
         for node in args.nodes:
             node.taints = list(taints)
         args.pod_network = args.pod_network or default_pod_network(args.state_dir)
-        parse_pod_network(args.pod_network)
+        network = parse_pod_network(args.pod_network)
+        if args.cluster_dns and not is_loopback_ip(args.cluster_dns):
+            raise ValueError(f"--cluster-dns {args.cluster_dns!r} must be a loopback IPv4 address (e.g. the last "
+                             f"address of --pod-network {network})")
         args.extra_env = {}
         for item in args.env:
             name, eq, value = item.partition("=")
@@ -74,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     agent = Agent(Kube(args.kubeconfig), args.state_dir, args.nodes, pod_network=args.pod_network,
                   heartbeat_seconds=args.heartbeat_seconds, shutdown_grace=args.shutdown_grace_seconds,
                   default_workdir=args.default_workdir, pass_env=args.pass_env, extra_env=args.extra_env,
-                  shared_cache=args.shared_cache)
+                  shared_cache=args.shared_cache, cluster_dns=args.cluster_dns, cluster_domain=args.cluster_domain)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: agent.stop.set())
     try:

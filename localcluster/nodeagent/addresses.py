@@ -21,6 +21,13 @@ def default_pod_network(state_dir: str) -> str:
     return f"127.{32 + digest[0] % 200}.0.0/16"  # 127.32-231: clear of 127.0.x and 127.255.x
 
 
+def is_loopback_ip(text: str) -> bool:
+    try:
+        return ipaddress.ip_address(text) in LOOPBACK
+    except ValueError:
+        return False
+
+
 def parse_pod_network(text: str) -> ipaddress.IPv4Network:
     try:
         net = ipaddress.ip_network(text, strict=True)

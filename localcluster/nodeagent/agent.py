@@ -14,15 +14,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 from . import cgroups, pod_log_path
 from .addresses import AddressPool, GpuPool, parse_pod_network
+from .dns import pod_hosts_file, pod_resolv_conf
 from .env import decode_secret
 from .kube import ApiError, Kube, Reflector, now_rfc3339, path_for
 from .node import NodeKeeper, NodeSpec
 from .pods import KILL_WAIT_SECONDS, PodWorker
 from .processes import kill_leftovers
 from .storage import Provisioner
+from .volumes import Mount
 
 log = logging.getLogger(__name__)
 
+HOST_RESOLV_CONF = "/etc/resolv.conf"
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # LOCALCLUSTER_MARKER lets `cluster down` find pod processes even after the agent itself is gone.
 PASSED_ENV = ("HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "LOCALCLUSTER_MARKER")
@@ -45,7 +48,7 @@ class Agent:
     def __init__(self, kube: Kube, state_dir: str, nodes: list[NodeSpec], *, pod_network: str,
                  heartbeat_seconds: float = 10.0, shutdown_grace: float = 10.0, default_workdir: str = "/",
                  pass_env: list[str] | None = None, extra_env: dict[str, str] | None = None,
-                 shared_cache: str = ""):
+                 shared_cache: str = "", cluster_dns: str = "", cluster_domain: str = "cluster.local"):
         self.kube = kube
         self.state_dir = os.path.abspath(state_dir)
         self.nodes = nodes
@@ -59,6 +62,9 @@ class Agent:
         self.finished: set[str] = set()  # uids whose worker ended; forgotten when the pod object goes
         self.finalizing: set[str] = set()
         self.addresses = AddressPool(parse_pod_network(pod_network))
+        self.cluster_dns, self.cluster_domain = cluster_dns, cluster_domain
+        if cluster_dns:
+            self.addresses.reserve(cluster_dns)  # the DNS server listens there: never a pod's address
         self._gpus = {n.name: GpuPool(n.gpus) for n in nodes}
         self.cgroups, self.cgroups_how = cgroups.detect()
         self.shared_cache = os.path.abspath(shared_cache) if shared_cache else ""
@@ -195,6 +201,29 @@ class Agent:
     def container_cgroup(self, name: str, memory_limit: int | None) -> cgroups.Cgroup | None:
         """A new memory cgroup for one container run, or None where the machine offers none."""
         return self.cgroups.create(name, memory_limit) if self.cgroups else None
+
+    def name_files(self, pod: dict, pod_ip: str, run_dir: str) -> list[Mount]:
+        """The pod's /etc/resolv.conf (cluster DNS) and /etc/hosts (its own names), written under run_dir and
+        bind-mounted into each container, as the kubelet manages them; a host-network pod keeps the host's."""
+        mounts = []
+        try:
+            with open(HOST_RESOLV_CONF) as f:
+                host_resolv = f.read()
+        except OSError:
+            host_resolv = ""
+        resolv = pod_resolv_conf(pod, self.cluster_dns, self.cluster_domain, host_resolv)
+        files = [("resolv.conf", "/etc/resolv.conf", resolv)]
+        if not (pod.get("spec") or {}).get("hostNetwork"):
+            files.append(("hosts", "/etc/hosts", pod_hosts_file(pod, pod_ip, self.cluster_domain)))
+        for name, dst, text in files:
+            if text is None:
+                continue
+            path = os.path.join(run_dir, name)
+            with open(path, "w") as f:
+                f.write(text)
+            os.chmod(path, 0o644)  # readable whatever the container's user
+            mounts.append(Mount(path, dst, False, True))
+        return mounts
 
     def gpu_pool(self, node: str) -> GpuPool:
         return self._gpus[node]

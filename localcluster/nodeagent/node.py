@@ -12,6 +12,7 @@ import platform
 import threading
 from dataclasses import dataclass, field
 
+from ..provision import K8S_VERSION
 from .kube import STRATEGIC_PATCH, ApiError, Kube, now_micro, now_rfc3339, path_for
 from .quantity import parse_quantity
 
@@ -19,13 +20,15 @@ log = logging.getLogger(__name__)
 
 GPU = "nvidia.com/gpu"
 DEFAULT_NODE_NAME = "local-gpu-0"
+# Two GPU nodes, so that scheduling across nodes (and a pod per node) is exercised as on a real cluster.
+DEFAULT_NODES = ("local-gpu-0:gpu=2", "local-gpu-1:gpu=2")
 DEFAULT_CAPACITY = {"cpu": "16", "memory": "64Gi", GPU: "1", "pods": "110", "ephemeral-storage": "200Gi"}
 RESOURCE_ALIASES = {"gpu": GPU, "gpus": GPU, "mem": "memory"}
 LEASE_NAMESPACE = "kube-node-lease"
 LEASE_SECONDS = 40
 # Taints the node lifecycle controller / admission put on a node that is not (yet) Ready.
 NOT_READY_TAINTS = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
-AGENT_VERSION = "v1.20.2-local"
+AGENT_VERSION = f"{K8S_VERSION}-local"
 
 
 @dataclass

@@ -20,6 +20,7 @@ import uuid
 from typing import TYPE_CHECKING
 
 from .addresses import HOST_IP
+from .dns import pod_hostname
 from .env import ContainerConfigError, PodContext, command_line, resolve_env
 from .kube import STRATEGIC_PATCH, ApiError, path_for
 from .node import GPU
@@ -92,6 +93,7 @@ class PodWorker:
         self.run_dir = os.path.join(self.pod_dir, "run")
         self.volumes: dict[str, Volume] | None = None
         self.pod_ip = ""
+        self.name_mounts: list[Mount] = []  # /etc/resolv.conf and /etc/hosts of this pod
         self.gpus: list[int] = []
         self.start_time = time.time()
         self.deadline = None  # monotonic time of spec.activeDeadlineSeconds
@@ -149,6 +151,7 @@ class PodWorker:
             elapsed = max(0.0, time.time() - self.start_time)
             self.deadline = time.monotonic() + float(spec["activeDeadlineSeconds"]) - elapsed
         os.makedirs(self.run_dir, exist_ok=True)
+        self.name_mounts = self.agent.name_files(self.pod, self.pod_ip, self.run_dir)
 
     def _loop(self) -> None:
         setup_due = 0.0
@@ -250,7 +253,7 @@ class PodWorker:
 
     def _base_env(self, container: dict) -> dict[str, str]:
         env = dict(self.agent.base_env)
-        env["HOSTNAME"] = self.pod["spec"].get("hostname") or self.name
+        env["HOSTNAME"] = pod_hostname(self.pod)
         mine = self._container_gpus(container)
         env["NVIDIA_VISIBLE_DEVICES"] = ",".join(map(str, mine)) or "void"
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, mine))
@@ -277,6 +280,8 @@ class PodWorker:
             argv = command_line(spec, env)
             mounts = container_mounts(spec, self.volumes or {}, env)
             security = {**container_security(self.pod, spec), "expose": runtime_paths()}
+            if not self.pod["spec"].get("hostNetwork"):  # its own UTS namespace, named as the pod
+                security["hostname"] = pod_hostname(self.pod)
             limit = memory_limit(spec)
         except (ContainerConfigError, VolumeError, ApiError) as e:
             if (c.reason, c.message) != ("CreateContainerConfigError", str(e)):  # one event per distinct error
@@ -287,6 +292,7 @@ class PodWorker:
             return
         if self.agent.shared_cache:
             mounts.append(Mount(self.agent.shared_cache, self.agent.shared_cache, False, False))
+        mounts.extend(self.name_mounts)
         term_path = os.path.join(self.run_dir, f"{c.name}.termination-log")
         mounts.append(Mount(term_path, spec.get("terminationMessagePath") or DEFAULT_TERMINATION_PATH, False, True))
         log_path = self.agent.log_path(self.namespace, self.name, c.name)

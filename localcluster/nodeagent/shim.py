@@ -13,6 +13,7 @@ only. The plan is JSON:
   no_new_privs    allowPrivilegeEscalation: false
   read_only_root  readOnlyRootFilesystem: every mount but the volumes, /proc, /sys and /dev read-only
   expose          host paths a non-root user must reach (this checkout's Python), see _expose
+  hostname        null (the host's UTS namespace) or the pod's hostname, set in a new UTS namespace
 The environment is already the container's. On a setup failure the shim writes the reason to start_error
 (the agent reports it as StartError) and exits 128.
 """
@@ -25,7 +26,7 @@ import resource
 import sys
 import warnings  # noqa: F401 - os.execvp imports it lazily, maybe after the uid lost access to this Python
 
-CLONE_NEWNS = 0x00020000
+CLONE_NEWNS, CLONE_NEWUTS = 0x00020000, 0x04000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x400, 0x800, 0x1000, 0x4000, 0x40000
 MS_RELATIME, MS_STRICTATIME = 0x200000, 0x1000000
@@ -165,7 +166,12 @@ def setup(plan: dict) -> None:
             f.write(str(os.getpid()))
     if plan.get("rlimit_as"):
         resource.setrlimit(resource.RLIMIT_AS, (plan["rlimit_as"], plan["rlimit_as"]))
-    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS) (the agent must run as root)")
+    hostname = plan.get("hostname")
+    _check(_libc.unshare(CLONE_NEWNS | (CLONE_NEWUTS if hostname else 0)),
+           "unshare(CLONE_NEWNS) (the agent must run as root)")
+    if hostname:
+        name = hostname.encode()
+        _check(_libc.sethostname(name, len(name)), f"sethostname({hostname!r})")
     # Keep every mount below private to this container's namespace.
     _mount("none", "/", MS_REC | MS_PRIVATE, "making / private")
     # Open every source first: a volume mounted at, say, /tmp must not hide the sources of later mounts.

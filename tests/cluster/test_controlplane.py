@@ -10,7 +10,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -19,19 +18,9 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
+from support.polling import wait_for
 
-from localcluster import Cluster, controlplane, processes
-
-
-def wait_for(what: str, fn, timeout: float = 60.0, interval: float = 0.3):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
+from localcluster import Cluster, controlplane, processes, provision
 
 
 def _pod(name: str, command: list[str], *, gpus: str | None = None, owner: dict | None = None,
@@ -63,7 +52,7 @@ def test_kubeconfig_serves_kubectl_and_the_python_client_over_verified_tls(clust
     out = subprocess.run(["kubectl", "get", "--raw", "/readyz"], env=cluster.env, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
-    assert client.VersionApi(k8s).get_code().git_version == "v1.20.2"
+    assert client.VersionApi(k8s).get_code().git_version == provision.K8S_VERSION
     assert k8s.configuration.verify_ssl and k8s.configuration.ssl_ca_cert
     # The server's certificate verifies against the kubeconfig's CA, and anonymous requests are refused.
     ctx = ssl.create_default_context(cafile=k8s.configuration.ssl_ca_cert)
@@ -210,7 +199,7 @@ def test_second_cluster_runs_beside_the_first_and_down_leaves_no_process(cluster
     assert processes.marked(marker) == {}
     assert not _find_cmdline(str(tmp_path / "second"))
     # The first cluster is untouched.
-    assert client.VersionApi(k8s).get_code().git_version == "v1.20.2"
+    assert client.VersionApi(k8s).get_code().git_version == provision.K8S_VERSION
 
 
 @pytest.mark.cluster
@@ -238,7 +227,7 @@ def test_up_retries_on_new_ports_when_a_picked_port_is_taken(tmp_path, monkeypat
     squatter = socket.socket()
     squatter.bind(("127.0.0.1", 0))
     squatter.listen()
-    picks = iter([[squatter.getsockname()[1], *controlplane.free_ports(2)]])
+    picks = iter([[squatter.getsockname()[1], *controlplane.free_ports(len(controlplane.PORT_NAMES) - 1)]])
     real_free_ports = controlplane.free_ports
     monkeypatch.setattr(controlplane, "free_ports", lambda n: next(picks, None) or real_free_ports(n))
     lines: list[str] = []

@@ -18,11 +18,11 @@ import pytest
 from localcluster import Cluster, ClusterError, controlplane, processes, provision
 
 
-def _fake_binaries(bin_dir: Path, version: str) -> None:
+def _fake_binaries(bin_dir: Path, printed: str, names=provision.K8S.binaries) -> None:
     bin_dir.mkdir(parents=True)
-    for name in provision.BINARIES:
+    for name in names:
         path = bin_dir / name
-        path.write_text(f"#!/bin/sh\necho 'Kubernetes {version}'\n")
+        path.write_text(f"#!/bin/sh\necho '{printed}'\n")
         path.chmod(0o755)
 
 
@@ -32,22 +32,46 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def test_provision_skips_every_step_when_binaries_are_cached(tmp_path, monkeypatch):
-    _fake_binaries(tmp_path / f"k8s-{provision.K8S_VERSION}" / "bin", provision.K8S_VERSION)
+    for name in provision.DEFAULT_COMPONENTS:
+        c = provision.COMPONENTS[name]
+        _fake_binaries(tmp_path / c.key / "bin", c.expect, c.binaries)
     monkeypatch.setenv("RLHF_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # any apt-get/make call would fail
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # any go call would fail
+    monkeypatch.setenv("RLHF_GO", str(tmp_path / "no-go"))
     lines: list[str] = []
     assert provision.provision(log=lines.append) == tmp_path / f"k8s-{provision.K8S_VERSION}" / "bin"
-    assert "nothing to do" in lines[0]
-    assert not (tmp_path / f"k8s-{provision.K8S_VERSION}" / "build").exists()
+    assert len(lines) == len(provision.DEFAULT_COMPONENTS) and all("nothing to do" in line for line in lines)
+    assert not list(tmp_path.glob("*/build"))
+    assert set(provision.binary_paths()) == {"kube-apiserver", "kube-controller-manager", "kube-scheduler", "etcd",
+                                             "coredns"}
 
 
 def test_provision_check_rejects_binaries_of_another_version(tmp_path):
     bin_dir = tmp_path / "bin"
-    _fake_binaries(bin_dir, "v1.19.0")
+    _fake_binaries(bin_dir, "Kubernetes v1.19.0")
     reason = provision.check_binaries(bin_dir)
     assert reason and "kube-apiserver" in reason and "v1.19.0" in reason and provision.K8S_VERSION in reason
     out = _cli("provision", "--check", "--cache-dir", str(tmp_path / "nowhere"))
     assert out.returncode == 1 and "missing" in out.stdout
+
+
+def test_the_loopback_patch_applies_once_or_refuses_the_file():
+    source = "func ValidateEndpointIP() {\n" + provision.LOOPBACK_PATCH_OLD + "\treturn allErrs\n}\n"
+    patched = provision.patched_source(source)
+    assert "IsLoopback" not in patched and "return allErrs" in patched
+    with pytest.raises(ValueError, match="not found exactly once"):
+        provision.patched_source(patched)
+
+
+def test_a_too_old_go_is_refused_naming_the_version_needed(tmp_path, monkeypatch):
+    fake = tmp_path / "go"
+    fake.write_text("#!/bin/sh\necho 'go version go1.19.8 linux/amd64'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("RLHF_GO", str(fake))
+    with pytest.raises(provision.ProvisionError) as err:
+        provision.step_go(provision.K8S, log=lambda _m: None)
+    assert "step 'go'" in str(err.value) and "go1.19.8" in str(err.value) and "Go >= 1.24" in str(err.value)
+    assert provision.parse_go_version("go version go1.26.8 linux/amd64") == (1, 26)
 
 
 def test_a_failing_step_names_step_command_output_and_remedy():

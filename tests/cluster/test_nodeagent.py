@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,21 +17,13 @@ import uuid
 import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
+from support.polling import wait_for
+from support.ports import free_port
+from support.processes import pid_alive
 
 from localcluster.nodeagent import kill_leftovers, shared_cache_dir
 
 PY = "python"  # resolved on the container's PATH: the project's venv comes first
-
-
-def wait_for(what: str, fn, timeout: float = 30.0, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 def container(name: str, script: str, **extra) -> dict:
@@ -66,13 +57,6 @@ def pid_of(pod) -> int:
     return int(pod.status.container_statuses[0].container_id.rsplit("/", 1)[1])
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
 
 @pytest.fixture
 def core(k8s):
@@ -82,8 +66,9 @@ def core(k8s):
 def test_node_is_ready_with_gpu_capacity_and_lease(core, k8s):
     node = wait_for("a Ready node", lambda: next(
         (n for n in core.list_node().items
-         if any(c.type == "Ready" and c.status == "True" for c in n.status.conditions or [])), None))
-    assert node.status.allocatable["nvidia.com/gpu"] == "1"
+         if n.metadata.name == "local-gpu-0" and any(c.type == "Ready" and c.status == "True"
+                                                     for c in n.status.conditions or [])), None))
+    assert node.status.allocatable["nvidia.com/gpu"] == "2"
     assert node.status.capacity["pods"] == "110"
     assert {c.type for c in node.status.conditions} >= {"Ready", "MemoryPressure", "DiskPressure", "PIDPressure"}
     assert not [t for t in node.spec.taints or [] if t.key.startswith("node.kubernetes.io/")]
@@ -93,13 +78,14 @@ def test_node_is_ready_with_gpu_capacity_and_lease(core, k8s):
     assert age < 30, f"lease renewed {age:.0f} s ago; the agent heartbeats every 10 s (the controller allows 40 s)"
 
 
-def test_gpu_jobs_queue_for_the_single_gpu(core, k8s, namespace, cluster):
+def test_gpu_jobs_queue_for_the_gpus_of_their_node(core, k8s, namespace, cluster):
     batch = client.BatchV1Api(k8s)
     script = ("import os, time; print('gpu', os.environ['CUDA_VISIBLE_DEVICES'], os.environ['JOB'], flush=True); "
               "time.sleep(2)")
-    for job in ("gpu-a", "gpu-b"):
-        spec = pod_body(job, container("train", script, resources={"limits": {"nvidia.com/gpu": "1"}},
-                                       env=[{"name": "JOB", "value": job}]))["spec"]
+    for job in ("gpu-a", "gpu-b"):  # both want all of local-gpu-0's two GPUs
+        spec = pod_body(job, container("train", script, resources={"limits": {"nvidia.com/gpu": "2"}},
+                                       env=[{"name": "JOB", "value": job}]),
+                        nodeSelector={"kubernetes.io/hostname": "local-gpu-0"})["spec"]
         batch.create_namespaced_job(namespace, {
             "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": job},
             "spec": {"backoffLimit": 0, "template": {"metadata": {"labels": {"job": job}}, "spec": spec}}})
@@ -127,7 +113,7 @@ def test_gpu_jobs_queue_for_the_single_gpu(core, k8s, namespace, cluster):
     assert a_done.exit_code == 0 and a_done.reason == "Completed"
     assert b_started >= a_done.finished_at, "the second job ran while the first still held the GPU"
     log = cluster.logs(namespace, b.metadata.name, "train")
-    assert f"gpu 0 {second_job}" in log
+    assert f"gpu 0,1 {second_job}" in log
 
 
 def test_claim_written_by_one_pod_is_read_only_in_another(core, namespace, cluster):
@@ -207,15 +193,8 @@ def test_deleting_a_running_pod_kills_it_after_the_grace_period(core, namespace,
     assert 1.5 <= elapsed < 8, f"pod removed {elapsed:.1f} s after deletion; grace period was 2 s"
 
 
-def free_port() -> int:
-    """A port nobody listens on, on any address (a wildcard listener would shadow the pods')."""
-    with socket.socket() as s:
-        s.bind(("0.0.0.0", 0))
-        return s.getsockname()[1]
-
-
 def test_env_files_and_one_port_on_two_pod_ips(core, namespace, cluster):
-    port = free_port()
+    port = free_port("0.0.0.0")  # free on every address: a wildcard listener would shadow the pods'
     core.create_namespaced_config_map(namespace, {"metadata": {"name": "settings"},
                                                   "data": {"GREETING": "hello", "model": "tiny"}})
     core.create_namespaced_secret(namespace, {"metadata": {"name": "creds"}, "stringData": {"token": "s3cret"}})

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from localcluster.dns import corefile, dns_address, upstreams
 from localcluster.nodeagent.addresses import AddressPool, default_pod_network, parse_pod_network
+from localcluster.nodeagent.dns import pod_hostname, pod_hosts_file, pod_resolv_conf
 from localcluster.nodeagent.env import ContainerConfigError, PodContext, command_line, expand, resolve_env
 from localcluster.nodeagent.node import GPU, node_conditions, parse_node_spec, parse_taint, without_not_ready_taints
 from localcluster.nodeagent.processes import SHIM
@@ -400,3 +402,47 @@ def test_shim_joins_a_memory_cgroup_whose_limit_oom_kills(tmp_path):
 def test_shim_falls_back_to_an_address_space_limit(tmp_path):
     run = _run_shim(tmp_path, {"argv": [sys.executable, "-c", "b = bytearray(1 << 30)"], "rlimit_as": 512 * 2**20})
     assert run.returncode == 1 and "MemoryError" in run.stderr, run.stderr
+
+
+def _dns_pod(**spec) -> dict:
+    return {"metadata": {"name": "web-server", "namespace": "team"}, "spec": spec}
+
+
+def test_pod_resolv_conf_follows_dns_policy_and_dns_config():
+    host = "nameserver 10.255.255.53\nsearch corp.example\noptions edns0\n"
+    conf = pod_resolv_conf(_dns_pod(), "127.40.255.254", "cluster.local", host)
+    assert conf == ("nameserver 127.40.255.254\n"
+                    "search team.svc.cluster.local svc.cluster.local cluster.local corp.example\noptions ndots:5\n")
+    assert pod_resolv_conf(_dns_pod(hostNetwork=True), "127.40.255.254", "cluster.local", host) is None
+    assert pod_resolv_conf(_dns_pod(dnsPolicy="Default"), "127.40.255.254", "cluster.local", host) is None
+    assert pod_resolv_conf(_dns_pod(), "", "cluster.local", host) is None  # no cluster DNS: the host's file
+    with_net = pod_resolv_conf(_dns_pod(hostNetwork=True, dnsPolicy="ClusterFirstWithHostNet"), "127.40.255.254",
+                               "cluster.local", host)
+    assert with_net.startswith("nameserver 127.40.255.254\n")
+    custom = pod_resolv_conf(_dns_pod(dnsPolicy="None", dnsConfig={
+        "nameservers": ["1.2.3.4"], "searches": ["a.example"], "options": [{"name": "ndots", "value": "2"}]}),
+        "127.40.255.254", "cluster.local", host)
+    assert custom == "nameserver 1.2.3.4\nsearch a.example\noptions ndots:2\n"
+
+
+def test_pod_hosts_file_names_the_pod_and_its_fqdn():
+    hosts = pod_hosts_file(_dns_pod(hostname="web-0", subdomain="web",
+                                    hostAliases=[{"ip": "127.0.0.9", "hostnames": ["db"]}]), "127.40.0.7", "cluster.local")
+    assert "127.40.0.7\tweb-0.web.team.svc.cluster.local\tweb-0\n" in hosts
+    assert "127.0.0.1\tlocalhost\n" in hosts and "127.0.0.9\tdb\n" in hosts
+    assert "127.40.0.8\tweb-server\n" in pod_hosts_file(_dns_pod(), "127.40.0.8", "cluster.local")
+    assert pod_hostname({"metadata": {"name": "p" * 70}, "spec": {}}) == "p" * 63
+
+
+def test_cluster_dns_listens_on_the_pod_networks_last_address_and_never_forwards_to_itself():
+    assert dns_address("127.40.0.0/16") == "127.40.255.254"
+    pool = AddressPool(parse_pod_network("127.40.0.0/30"))
+    pool.reserve(dns_address("127.40.0.0/30"))
+    assert pool.allocate() == "127.40.0.1"
+    assert upstreams("nameserver 127.40.255.254\nnameserver 10.255.255.53\nnameserver bogus\n",
+                     "127.40.255.254") == ["10.255.255.53"]
+    conf = corefile("127.40.255.254", 5353, "/state/kubeconfig", ["10.255.255.53"])
+    assert "bind 127.40.255.254" in conf and "ready 127.0.0.1:5353" in conf
+    assert "kubeconfig /state/kubeconfig" in conf and "forward . 10.255.255.53" in conf
+    assert "forward" not in corefile("127.40.255.254", 5353, "/k", [])
+
