@@ -19,8 +19,8 @@ import torch
 from . import contract as c
 from . import models
 from .config import TrainerConfig
-from .data import PreferencePair, load_preference_splits
-from .data.encoding import collate_pairs
+from .data import PreferencePair, load_preference_splits, token_cache
+from .data.encoding import collate_encoded_pairs, encode_pairs
 from .export import build_metadata, export_final
 from .ops import pairwise_loss
 from .runtime.failure import GracefulStop
@@ -55,17 +55,28 @@ def summarize(sums: dict[str, float], prefix: str = "") -> dict[str, float]:
             c.M_RM_REJECTED_MEAN: rejected, c.M_RM_MARGIN: chosen - rejected}
 
 
+def encode_split(cfg: TrainerConfig, tokenizer, pairs: list[PreferencePair],
+                 split: str) -> list[tuple[list[int], list[int]]]:
+    """(chosen ids, rejected ids) of every pair, tokenised once (and cached on the claim, data.token_cache)."""
+    max_length = cfg.training.max_length
+    return token_cache.cached(f"pairs-{split}", tokenizer, {"max_length": max_length}, pairs,
+                              lambda items: encode_pairs(tokenizer, items, max_length),
+                              token_cache.cache_dir(cfg.checkpoint.dir))
+
+
 class RewardTrainer:
-    """The pieces of one reward run that the generic loop calls back into."""
+    """The pieces of one reward run that the generic loop calls back into. The pairs are tokenised once, up
+    front; a step only pads and stacks their ids."""
 
     def __init__(self, cfg: TrainerConfig, strategy: Strategy, tokenizer, train: list[PreferencePair],
                  evals: list[PreferencePair]):
         self.cfg, self.strategy, self.tokenizer = cfg, strategy, tokenizer
-        self.train, self.evals = train, evals
+        self.train = encode_split(cfg, tokenizer, train, "train")
+        self.evals = encode_split(cfg, tokenizer, evals, "eval")
         self.engine: Any = None
 
-    def _scores(self, engine, pairs: list[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        batch = collate_pairs(self.tokenizer, pairs, self.cfg.training.max_length)
+    def _scores(self, engine, pairs: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        batch = collate_encoded_pairs(self.tokenizer, pairs)
         batch = {k: v.to(self.strategy.device) for k, v in batch.items()}
         scores = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         n = len(pairs)
@@ -77,7 +88,7 @@ class RewardTrainer:
         return loss, {**pair_stats(chosen.detach(), rejected.detach()), "tokens": float(tokens)}
 
     @torch.no_grad()
-    def _sharded_sums(self, pairs: list[PreferencePair], fn) -> dict[str, float]:
+    def _sharded_sums(self, pairs: list[tuple[list[int], list[int]]], fn) -> dict[str, float]:
         """Sum ``fn(chosen, rejected)`` over ``pairs``, each process taking every world_size-th pair."""
         s = self.strategy
         mine = pairs[s.rank::s.world_size]
@@ -147,7 +158,8 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
                 "train_pairs": len(splits.train), "eval_pairs": len(splits.eval),
             })
             final = export_final(cfg, lambda d: models.save_reward_model(
-                strategy.unwrap(engine), tokenizer, d, stats, cfg.training.max_length, state_dict), meta, strategy.is_main)
+                strategy.unwrap(engine), tokenizer, d, stats, cfg.training.max_length, state_dict),
+                meta, strategy.is_main)
             strategy.barrier()
         finally:
             metrics.stop_server()

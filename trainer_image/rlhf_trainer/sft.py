@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from . import contract as c
 from . import models
 from .config import TrainerConfig
-from .data import SFTExample, load_sft_splits
-from .data.encoding import IGNORE_INDEX, collate_sft, encode_sft, pack
+from .data import SFTExample, load_sft_splits, token_cache
+from .data.encoding import IGNORE_INDEX, collate_sft, encode_sft_many, pack
 from .export import build_metadata, export_final
 from .runtime.failure import GracefulStop
 from .runtime.loop import BatchPlan, fit
@@ -35,23 +35,22 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 
 
 class SFTData:
-    """Examples of one split as (ids, labels): encoded on demand, or all at once when packing."""
+    """Examples of one split as (ids, labels), tokenised once up front (cached on the claim,
+    data.token_cache) and packed when ``sft.packing``; a step only pads and stacks them."""
 
-    def __init__(self, cfg: TrainerConfig, tokenizer, examples: list[SFTExample]):
-        self.tokenizer = tokenizer
-        self.max_length = cfg.training.max_length
-        self.loss_on_prompt = cfg.sft.loss_on_prompt
-        self.examples = examples
-        self.packed = pack([self._encode(e) for e in examples], self.max_length) if cfg.sft.packing else None
-
-    def _encode(self, ex: SFTExample) -> tuple[list[int], list[int]]:
-        return encode_sft(self.tokenizer, ex, self.max_length, self.loss_on_prompt)
+    def __init__(self, cfg: TrainerConfig, tokenizer, examples: list[SFTExample], split: str = "train"):
+        max_length, loss_on_prompt = cfg.training.max_length, cfg.sft.loss_on_prompt
+        encoded = token_cache.cached(
+            f"sft-{split}", tokenizer, {"max_length": max_length, "loss_on_prompt": loss_on_prompt}, examples,
+            lambda items: encode_sft_many(tokenizer, items, max_length, loss_on_prompt),
+            token_cache.cache_dir(cfg.checkpoint.dir))
+        self.items = pack(encoded, max_length) if cfg.sft.packing else encoded
 
     def __len__(self) -> int:
-        return len(self.packed) if self.packed is not None else len(self.examples)
+        return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[list[int], list[int]]:
-        return self.packed[i] if self.packed is not None else self._encode(self.examples[i])
+        return self.items[i]
 
 
 class SFTTrainer:
@@ -102,7 +101,7 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
         splits = load_sft_splits(cfg.dataset)
         strategy = Strategy(cfg)
         tokenizer = models.load_tokenizer(cfg.model)
-        train, evals = SFTData(cfg, tokenizer, splits.train), SFTData(cfg, tokenizer, splits.eval)
+        train, evals = SFTData(cfg, tokenizer, splits.train), SFTData(cfg, tokenizer, splits.eval, "eval")
         plan = BatchPlan.from_config(cfg, len(train), strategy.world_size)
         total = plan.total_steps(cfg.training.max_steps, cfg.training.epochs)
         strategy.setup()
@@ -121,8 +120,9 @@ def run(cfg: TrainerConfig) -> dict[str, Any]:
                 "dataset_format": splits.format, "train_examples": len(splits.train),
                 "eval_examples": len(splits.eval), "packing": cfg.sft.packing,
             })
-            final = export_final(cfg, lambda d: models.save_causal_lm(strategy.unwrap(engine), tokenizer, d, state_dict),
-                                 meta, strategy.is_main)
+            final = export_final(
+                cfg, lambda d: models.save_causal_lm(strategy.unwrap(engine), tokenizer, d, state_dict),
+                meta, strategy.is_main)
             strategy.barrier()
         finally:
             metrics.stop_server()

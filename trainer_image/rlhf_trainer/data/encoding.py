@@ -61,6 +61,11 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
+def _ids_many(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """``_ids`` of many texts in one call: a fast tokenizer encodes the batch in Rust, in parallel."""
+    return [list(x) for x in tokenizer(list(texts), add_special_tokens=False)["input_ids"]] if texts else []
+
+
 def _with_eos(tokenizer, ids: list[int]) -> list[int]:
     eos = tokenizer.eos_token_id
     return ids if ids and ids[-1] == eos else [*ids, eos]
@@ -68,10 +73,22 @@ def _with_eos(tokenizer, ids: list[int]) -> list[int]:
 
 def encode_for_scoring(tokenizer, text: str, max_length: int) -> list[int]:
     """``start + text + EOS``, cut from the left of ``text`` to fit ``max_length``."""
+    return encode_for_scoring_many(tokenizer, [text], max_length)[0]
+
+
+def encode_for_scoring_many(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """:func:`encode_for_scoring` of many texts with one tokenizer call."""
     start = start_ids(tokenizer)
-    body = _with_eos(tokenizer, _ids(tokenizer, text))
     keep = max_length - len(start)
-    return start + body[-keep:]
+    return [start + _with_eos(tokenizer, body)[-keep:] for body in _ids_many(tokenizer, texts)]
+
+
+def encode_pairs(tokenizer, pairs: Sequence[PreferencePair], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(chosen ids, rejected ids) of each pair, as :func:`collate_pairs` encodes them, in one tokenizer call."""
+    texts = [render_full(tokenizer, p.prompt, p.chosen, p.messages) for p in pairs]
+    texts += [render_full(tokenizer, p.prompt, p.rejected, p.messages) for p in pairs]
+    ids = encode_for_scoring_many(tokenizer, texts, max_length)
+    return list(zip(ids[:len(pairs)], ids[len(pairs):], strict=True))
 
 
 def encode_prompt(tokenizer, prompt: str, max_length: int, messages=None) -> list[int]:
@@ -87,14 +104,28 @@ def encode_sft(tokenizer, ex: SFTExample, max_length: int, loss_on_prompt: bool 
     Prompt and response are tokenised separately so the boundary is exact; the response ends with EOS.
     When too long, the prompt keeps at most half of ``max_length`` (its end) and the response is cut.
     """
-    start = start_ids(tokenizer)
     if has_chat_template(tokenizer):
         prompt_ids = _ids(tokenizer, render_prompt(tokenizer, ex.prompt, ex.messages))
         full = _with_eos(tokenizer, _ids(tokenizer, render_full(tokenizer, ex.prompt, ex.response, ex.messages)))
-        response_ids = full[len(prompt_ids):]
-    else:
-        prompt_ids = _ids(tokenizer, ex.prompt)
-        response_ids = _with_eos(tokenizer, _ids(tokenizer, ex.response))
+        return _fit_sft(tokenizer, prompt_ids, full[len(prompt_ids):], max_length, loss_on_prompt)
+    return _fit_sft(tokenizer, _ids(tokenizer, ex.prompt), _with_eos(tokenizer, _ids(tokenizer, ex.response)),
+                    max_length, loss_on_prompt)
+
+
+def encode_sft_many(tokenizer, examples: Sequence[SFTExample], max_length: int,
+                    loss_on_prompt: bool = False) -> list[tuple[list[int], list[int]]]:
+    """:func:`encode_sft` of many examples; without a chat template with two tokenizer calls in all."""
+    if has_chat_template(tokenizer):
+        return [encode_sft(tokenizer, ex, max_length, loss_on_prompt) for ex in examples]
+    prompts = _ids_many(tokenizer, [ex.prompt for ex in examples])
+    responses = _ids_many(tokenizer, [ex.response for ex in examples])
+    return [_fit_sft(tokenizer, p, _with_eos(tokenizer, r), max_length, loss_on_prompt)
+            for p, r in zip(prompts, responses, strict=True)]
+
+
+def _fit_sft(tokenizer, prompt_ids: list[int], response_ids: list[int], max_length: int,
+             loss_on_prompt: bool) -> tuple[list[int], list[int]]:
+    start = start_ids(tokenizer)
     room = max_length - len(start)
     if len(prompt_ids) + len(response_ids) > room:
         keep_prompt = min(len(prompt_ids), max(room - len(response_ids), room // 2))
@@ -125,7 +156,8 @@ def pack(sequences: Sequence[tuple[list[int], list[int]]], max_length: int) -> l
     return packed
 
 
-def pad_batch(seqs: Sequence[list[int]], pad_id: int, labels: Sequence[list[int]] | None = None) -> dict[str, torch.Tensor]:
+def pad_batch(seqs: Sequence[list[int]], pad_id: int,
+              labels: Sequence[list[int]] | None = None) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sequence: input_ids, attention_mask (and labels padded with IGNORE_INDEX)."""
     width = max(len(s) for s in seqs)
     out = {
@@ -142,6 +174,11 @@ def collate_pairs(tokenizer, pairs: Sequence[PreferencePair], max_length: int) -
     texts = [render_full(tokenizer, p.prompt, p.chosen, p.messages) for p in pairs]
     texts += [render_full(tokenizer, p.prompt, p.rejected, p.messages) for p in pairs]
     return pad_batch([encode_for_scoring(tokenizer, t, max_length) for t in texts], tokenizer.pad_token_id)
+
+
+def collate_encoded_pairs(tokenizer, encoded: Sequence[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    """One padded batch of 2B sequences from :func:`encode_pairs` ids: the B chosen first, then the B rejected."""
+    return pad_batch([c for c, _ in encoded] + [r for _, r in encoded], tokenizer.pad_token_id)
 
 
 def collate_sft(tokenizer, encoded: Sequence[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:

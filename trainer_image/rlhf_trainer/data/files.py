@@ -121,7 +121,8 @@ def _read_hf_dataset(ds: Any, where: str) -> Iterator[Row]:
         elif len(ds) == 1:
             ds = next(iter(ds.values()))
         else:
-            raise DataError(f"{where}: has splits {', '.join(ds)} but no 'train' split; keep one split or name it train")
+            raise DataError(f"{where}: has splits {', '.join(ds)} but no 'train' split; keep one split or name it "
+                            "train")
     for i, row in enumerate(ds):
         yield f"{where}: row {i}", row
 
@@ -144,7 +145,8 @@ def _read_dir(path: Path) -> Iterator[Row]:
         yield from _read_file(f, "auto")
 
 
-_READERS = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet, "hf_disk": _read_hf_disk, "dir": _read_dir}
+_READERS = {"jsonl": _read_jsonl, "json": _read_json, "parquet": _read_parquet, "hf_disk": _read_hf_disk,
+            "dir": _read_dir}
 
 
 def _read_file(path: Path, file_format: str) -> Iterator[Row]:
@@ -166,7 +168,8 @@ def read_rows(dataset_cfg) -> list[Row]:
         try:
             ds = load_dataset(dataset_cfg.hub_id, split="train")
         except Exception as e:
-            raise DataError(f"dataset.hub_id {dataset_cfg.hub_id}: cannot load it ({e}); use a local dataset.path") from e
+            raise DataError(f"dataset.hub_id {dataset_cfg.hub_id}: cannot load it ({e}); "
+                            "use a local dataset.path") from e
         where = f"hub:{dataset_cfg.hub_id}"
         rows = list(_read_hf_dataset(ds, where))
     if not rows:

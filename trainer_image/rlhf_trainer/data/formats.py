@@ -8,6 +8,7 @@ C(K, 2) preference pairs, SFT takes the best response, PPO takes the prompt. Sco
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import re
@@ -44,6 +45,13 @@ class Record:
     messages: tuple[tuple[str, str], ...] | None = None  # (role, content) turns of the prompt, for chat templates
     scores: tuple[float, ...] | None = None
     source: str = ""
+    # Other scalar fields of a prompt row as (name, text), e.g. a reference answer for a rule reward.
+    fields: tuple[tuple[str, str], ...] = ()
+
+
+def _other_fields(row: dict, used: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    return tuple((k, v if isinstance(v, str) else json.dumps(v)) for k, v in row.items()
+                 if k not in used and (v is None or isinstance(v, (str, int, float, bool))))
 
 
 @dataclass(frozen=True)
@@ -147,7 +155,8 @@ def parse_row(fmt: str, location: str, row: Any) -> Record:
         chosen, rejected = _text(location, row, "chosen", fmt), _text(location, row, "rejected", fmt)
         return Record(prompt, (chosen, rejected), turns, source=location)
     if fmt == "hh_rlhf":
-        prompt, chosen, rejected = split_hh(location, _text(location, row, "chosen", fmt), _text(location, row, "rejected", fmt))
+        chosen_text, rejected_text = _text(location, row, "chosen", fmt), _text(location, row, "rejected", fmt)
+        prompt, chosen, rejected = split_hh(location, chosen_text, rejected_text)
         return Record(prompt, (chosen, rejected), hh_turns(prompt), source=location)
     if fmt == "ranked":
         prompt, turns = _prompt(location, row, fmt)
@@ -167,12 +176,13 @@ def parse_row(fmt: str, location: str, row: Any) -> Record:
         return Record(prompt, (completion,), turns, (float(score),), source=location)
     if fmt == "prompt_response":
         prompt, turns = _prompt(location, row, fmt)
-        return Record(prompt, (_text(location, row, "response", fmt),), turns, source=location)
+        return Record(prompt, (_text(location, row, "response", fmt),), turns, source=location,
+                      fields=_other_fields(row, ("prompt", "response")))
     if fmt == "text":
         return Record("", (_text(location, row, "text", fmt),), source=location)
     if fmt == "prompt":
         prompt, turns = _prompt(location, row, fmt, nonempty=True)
-        return Record(prompt, (), turns, source=location)
+        return Record(prompt, (), turns, source=location, fields=_other_fields(row, ("prompt",)))
     raise DataError(f"unknown dataset.format {fmt!r}")  # pragma: no cover - the config restricts it
 
 
@@ -195,7 +205,8 @@ def preference_pairs(record: Record) -> list[PreferencePair]:
     for i, j in itertools.combinations(range(len(record.responses)), 2):
         if record.scores is not None and record.scores[i] == record.scores[j]:
             continue
-        pairs.append(PreferencePair(record.prompt, record.responses[i], record.responses[j], record.messages, record.source))
+        pairs.append(PreferencePair(record.prompt, record.responses[i], record.responses[j], record.messages,
+                                    record.source))
     return pairs
 
 

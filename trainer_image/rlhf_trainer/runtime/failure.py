@@ -39,6 +39,13 @@ class NumericError(TrainerError):
     exit_code = contract.EXIT_NUMERIC_ERROR
 
 
+class NonFiniteGradients(TrainerError):
+    """``training.max_skipped_steps`` consecutive optimizer steps had NaN/Inf gradients (permanent: the same
+    data and weights would produce them again)."""
+
+    exit_code = contract.EXIT_NONFINITE
+
+
 class CheckpointError(TrainerError):
     """A checkpoint's files do not match its manifest or hold more than tensors and plain data (permanent)."""
 

@@ -22,6 +22,7 @@ from ..config import ConfigError, TrainerConfig
 from .checkpoint import CheckpointManager
 from .failure import DataError, GracefulStop, Preempted, check_finite
 from .metrics import TrainerMetrics
+from .nonfinite import StepGuard, consecutive_limit
 
 ENGINE_SUBDIR = "model"
 
@@ -126,6 +127,7 @@ def fit(cfg: TrainerConfig, strategy, engine, plan: BatchPlan, total_steps: int,
     metrics.set_total_steps(total_steps)
     last_saved = start if start else None
     train_stats: dict[str, float] = meta.get("metrics", {})
+    guard = StepGuard(cfg.stage, "reward" if cfg.stage == "reward" else "policy", consecutive_limit(cfg), metrics)
     eval_stats: dict[str, float] = {}
 
     def save(step: int) -> None:
@@ -148,8 +150,7 @@ def fit(cfg: TrainerConfig, strategy, engine, plan: BatchPlan, total_steps: int,
         sums: dict[str, float] = {}
         for micro in range(plan.grad_accum):
             loss, stats = micro_step(engine, plan.indices(step, micro, strategy.rank))
-            engine.backward(loss)
-            engine.step()
+            guard.backward_step(engine, loss, where=f"training step {step + 1}")
             stats = {**stats, "loss_sum": float(loss.detach()), "micro_batches": 1.0}
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
@@ -168,6 +169,7 @@ def fit(cfg: TrainerConfig, strategy, engine, plan: BatchPlan, total_steps: int,
                 c.M_LEARNING_RATE: lr,
                 c.M_EPOCH: plan.epoch(step),
                 **({c.M_GRAD_NORM: float(grad_norm)} if grad_norm is not None else {}),
+                c.M_SKIPPED_STEPS: float(guard.skipped),
                 **summarize(sums),
             }
             metrics.log_step(step, train_stats)

@@ -46,6 +46,11 @@ GAUGES: dict[str, str] = {
     c.M_PPO_ADVANTAGES_MEAN: "Mean advantage.",
     c.M_PPO_RETURNS_MEAN: "Mean return.",
     c.M_PPO_VALUES_MEAN: "Mean critic value.",
+    c.M_PPO_REWARD_GROUP_STD: "Mean standard deviation of the rewards within a prompt's group of samples.",
+    c.M_PPO_ZERO_VARIANCE_GROUPS: "Fraction of prompt groups whose samples all got the same reward "
+                                  "(no GRPO/RLOO signal).",
+    c.M_PPO_CRITIC_ENABLED: "1 when a critic is loaded and trained (gae), 0 with a critic-free advantage estimator.",
+    c.M_PPO_KL_LOSS: "KL to the reference as a term of the actor's loss (k3; ppo.kl_in_loss).",
 }
 PHASES = ("generate", "score", "train")
 CHECKPOINT_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
@@ -57,6 +62,14 @@ def _bind_host(cfg) -> str:
 
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def _cuda_peak_mib() -> float | None:
+    """Peak GPU memory allocated by this process so far (JSON log only); None without CUDA."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
 
 def _json_value(v: float) -> float | None:
@@ -85,8 +98,14 @@ class TrainerMetrics:
         self._gauges = {n: Gauge(n, h, names, registry=self.registry) for n, h in GAUGES.items()}
         self._phase = Gauge(c.M_PPO_PHASE_SECONDS, "Seconds spent per PPO phase in the last step.",
                             [*names, "phase"], registry=self.registry)
+        self._source = Gauge(c.M_PPO_REWARD_SOURCE_MEAN,
+                             "Mean reward of the rollout per reward source (before weights).",
+                             [*names, "source"], registry=self.registry)
         self._samples = Counter(c.M_SAMPLES_TOTAL, "Training samples processed.", names, registry=self.registry)
         self._tokens = Counter(c.M_TOKENS_TOTAL, "Training tokens processed.", names, registry=self.registry)
+        self._skipped = Counter(c.M_SKIPPED_STEPS, "Optimizer steps skipped because the gradients were NaN/Inf.",
+                                list(c.SKIPPED_STEPS_LABELS), registry=self.registry)
+        self.skipped_steps: dict[str, int] = {}  # model -> steps skipped in this process's run
         self._ckpt = Histogram(c.M_CHECKPOINT_SECONDS, "Seconds to write a checkpoint.", names,
                                buckets=CHECKPOINT_BUCKETS, registry=self.registry)
         self.server = None
@@ -126,6 +145,17 @@ class TrainerMetrics:
         self._tokens.labels(**self.labels).inc(n)
         self._tokens_since_log += n
 
+    def add_skipped_steps(self, model: str, n: int = 1) -> None:
+        """Count ``n`` skipped optimizer steps of ``model`` (``n`` = 0 creates the series at 0)."""
+        self._skipped.labels(**self.labels, model=model).inc(n)
+        self.skipped_steps[model] = self.skipped_steps.get(model, 0) + n
+
+    def log_event(self, record: dict[str, Any]) -> None:
+        """One JSON line that is not a step record (e.g. a skipped optimizer step)."""
+        if self.enabled:
+            print(json.dumps({"ts": round(time.time(), 3), "stage": self.cfg.stage, **record}), file=self.stream,
+                  flush=True)
+
     def observe_checkpoint(self, seconds: float, step: int | None = None) -> None:
         self._ckpt.labels(**self.labels).observe(seconds)
         if step is not None:
@@ -160,9 +190,13 @@ class TrainerMetrics:
                 self._gauge(name).set(v)
             elif name.startswith(c.M_PPO_PHASE_SECONDS + "/"):
                 self.set_phase_seconds(name.split("/", 1)[1], v)
+            elif name.startswith(c.M_PPO_REWARD_SOURCE_MEAN + "/"):
+                self._source.labels(**self.labels, source=name.split("/", 1)[1]).set(v)
         self.last_values.update(values)
         record = {"ts": round(time.time(), 3), "stage": self.cfg.stage, "step": step,
                   **{k: _json_value(v) for k, v in values.items()}}
+        if (peak := _cuda_peak_mib()) is not None:
+            record["cuda_peak_memory_mib"] = peak
         if self.enabled:
             print(json.dumps(record), file=self.stream, flush=True)
         return record

@@ -4,7 +4,9 @@
 the device and seeds. ``prepare(model, lr, total_steps)`` returns an engine: a DeepSpeed engine, or
 with ``deepspeed.enabled: false`` a :class:`TorchEngine` with the same surface
 (``engine(...)``, ``.backward(loss)``, ``.step()``, ``.module``, ``.get_lr()``,
-``.get_global_grad_norm()``), so the stage loops never branch on the backend.
+``.get_global_grad_norm()``, ``.skipped_steps``), so the stage loops never branch on the backend.
+``deepspeed.enabled`` unset picks the engine (:func:`resolve_use_deepspeed`): plain torch for one process
+without ZeRO partitioning (DeepSpeed only adds overhead there), DeepSpeed otherwise.
 
 On a machine without CUDA, DeepSpeed runs with ``DS_ACCELERATOR=cpu`` and gloo; its first start
 JIT-builds a small comm op (about 90 s, cached in ~/.cache/torch_extensions).
@@ -39,6 +41,17 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     for k, v in extra.items():
         out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def resolve_use_deepspeed(cfg: TrainerConfig, world_size: int) -> bool:
+    """``deepspeed.enabled`` when set; unset (auto): DeepSpeed only where it adds something - more than one
+    process, ZeRO stage 2/3, offload, fp16 loss scaling or an ``extra`` DeepSpeed config. One process with
+    ZeRO 0/1 runs the plain torch engine (measured on one H200: DeepSpeed halved its throughput)."""
+    ds = cfg.deepspeed
+    if ds.enabled is not None:
+        return ds.enabled
+    return (world_size > 1 or ds.zero_stage >= 2 or ds.offload_optimizer or ds.offload_params or ds.fp16
+            or bool(ds.extra))
 
 
 def uses_deepspeed_optimizer(cfg: TrainerConfig) -> bool:
@@ -90,10 +103,10 @@ def lr_multiplier(step: int, warmup: int, total: int, schedule: str) -> float:
     return 1.0 - progress
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only (not on biases and norm scales)."""
+def param_groups(params, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only (not on biases and norm scales); ``params``: a model or parameters."""
     decay, no_decay = [], []
-    for p in model.parameters():
+    for p in params.parameters() if isinstance(params, torch.nn.Module) else params:
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -159,17 +172,26 @@ class TorchEngine:
 
     As with DeepSpeed, ``backward`` and ``step`` are called for every micro batch; the optimizer
     steps on the last micro batch of each accumulation window.
+
+    ``master``: (model parameter, fp32 master parameter) pairs when the model computes in bf16. The
+    optimizer steps the fp32 masters and the model gets their bf16 rounding, so updates smaller than
+    bf16's spacing (lr 2e-5 on a weight of 1.0 is 1/400 of it) accumulate instead of rounding away.
+    A step whose gradient norm is NaN/Inf is skipped like DeepSpeed's overflow handling: no update, no
+    scheduler step, gradients cleared, ``skipped_steps`` counted.
     """
 
-    def __init__(self, module, optimizer, lr_scheduler, grad_accum: int, max_grad_norm: float, ddp=None):
+    def __init__(self, module, optimizer, lr_scheduler, grad_accum: int, max_grad_norm: float, ddp=None,
+                 master: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] | None = None):
         self.module = module
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.gradient_accumulation_steps = grad_accum
         self.max_grad_norm = max_grad_norm
         self._ddp = ddp
+        self.master = master or []
         self.micro_steps = 0
         self.global_steps = 0
+        self.skipped_steps = 0
         self._grad_norm: float | None = None
 
     def __call__(self, *args, **kwargs):
@@ -193,14 +215,37 @@ class TorchEngine:
         else:
             scaled.backward()
 
+    def _stepped_params(self) -> list[torch.nn.Parameter]:
+        """The parameters the optimizer updates, with this window's gradients (fp32 masters get them cast)."""
+        if not self.master:
+            return [p for p in self.module.parameters() if p.grad is not None]
+        for p, m in self.master:
+            m.grad = None if p.grad is None else p.grad.detach().to(m.dtype)
+        return [m for _, m in self.master if m.grad is not None]
+
+    def _zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.module.parameters():
+            p.grad = None
+
     def step(self) -> None:
         if self.is_gradient_accumulation_boundary():
-            params = [p for p in self.module.parameters() if p.grad is not None]
-            clip = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
-            self._grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if params else 0.0
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            params = self._stepped_params()
+            grads = [p.grad for p in params]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+            self._grad_norm = float(norm)
+            if math.isfinite(self._grad_norm):
+                if self.max_grad_norm > 0 and grads:
+                    torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                with torch.no_grad():
+                    for p, m in self.master:
+                        p.copy_(m)
+            else:  # never apply NaN/Inf: skip the update as DeepSpeed does (StepGuard counts and reports it)
+                self.skipped_steps += 1
+                self._grad_norm = float("inf")
+            self._zero_grad()
             self.global_steps += 1
         self.micro_steps += 1
 
@@ -217,6 +262,8 @@ class TorchEngine:
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "micro_steps": self.micro_steps,
             "global_steps": self.global_steps,
+            "skipped_steps": self.skipped_steps,
+            **({"master": [m.detach() for _, m in self.master]} if self.master else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -225,6 +272,11 @@ class TorchEngine:
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.micro_steps = state["micro_steps"]
         self.global_steps = state["global_steps"]
+        self.skipped_steps = state.get("skipped_steps", 0)
+        saved = state.get("master")
+        with torch.no_grad():
+            for i, (p, m) in enumerate(self.master):  # a checkpoint without masters: start them from the weights
+                m.copy_(saved[i] if saved is not None else p.float())
 
 
 # --- strategy ------------------------------------------------------------------------------------
@@ -234,10 +286,10 @@ class Strategy:
 
     def __init__(self, cfg: TrainerConfig):
         self.cfg = cfg
-        self.use_deepspeed = cfg.deepspeed.enabled
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.use_deepspeed = resolve_use_deepspeed(cfg, self.world_size)
         self.device = torch.device("cpu")
         if self.use_deepspeed:
             deepspeed_config(cfg, self.world_size, cfg.training.learning_rate)  # fail on bad config early
@@ -257,6 +309,10 @@ class Strategy:
         if cuda:
             torch.cuda.set_device(self.local_rank)
             self.device = torch.device("cuda", self.local_rank)
+            # cuDNN's SDPA backward returns NaN dQ on H100/H200 (torch >= 2.11) when a mask is passed, the
+            # sequence length is 64 mod 128 and a query row's logsumexp is very negative (pytorch#196678):
+            # every PPO step of a 192 + 128 token rollout was skipped. Flash/mem-efficient kernels take over.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         backend = "nccl" if cuda else "gloo"
         if self.use_deepspeed:
             if not cuda:
@@ -290,10 +346,10 @@ class Strategy:
 
         return build
 
-    def _optimizer(self, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    def _optimizer(self, params, lr: float) -> torch.optim.Optimizer:
         # fused AdamW (CUDA and CPU kernels): the per-parameter loop costs ~8% of a small model's step
         kwargs = {"fused": True} if self.device.type in ("cuda", "cpu") else {}
-        return torch.optim.AdamW(param_groups(model, self.cfg.training.weight_decay), lr=lr, **kwargs)
+        return torch.optim.AdamW(param_groups(params, self.cfg.training.weight_decay), lr=lr, **kwargs)
 
     def prepare(self, model: torch.nn.Module, lr: float, total_steps: int):
         """Wrap a trainable model with optimizer (AdamW) and LR schedule; returns the engine."""
@@ -312,15 +368,18 @@ class Strategy:
             )
             return engine
         model.to(self.device)
-        if self.cfg.deepspeed.bf16:
+        master = []
+        if self.cfg.deepspeed.bf16:  # compute in bf16, step fp32 master weights (see TorchEngine)
+            master = [(p, torch.nn.Parameter(p.detach().float().clone()))
+                      for p in model.parameters() if p.requires_grad]
             model.to(torch.bfloat16)
         ddp = None
         if self.world_size > 1:
             ids = [self.local_rank] if self.device.type == "cuda" else None
             ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
-        optimizer = self._optimizer(model, lr)
+        optimizer = self._optimizer([m for _, m in master] if master else model, lr)
         return TorchEngine(model, optimizer, self._scheduler_fn(total_steps)(optimizer),
-                           t.gradient_accumulation_steps, t.max_grad_norm, ddp)
+                           t.gradient_accumulation_steps, t.max_grad_norm, ddp, master)
 
     def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
         """A model that is only evaluated (reference policy, reward model): on the device, eval, no grads."""
