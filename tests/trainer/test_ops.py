@@ -244,3 +244,90 @@ def test_value_loss_clipped_hand_computed():
     assert out.clip_fraction.item() == pytest.approx(1 / 3)
     plain = ops.value_loss(new, old, ret, mask, cliprange_value=0.0)
     assert plain.loss.item() == pytest.approx(0.5 * (1 + 1.21 + 0.25) / 3)
+
+
+# --- critic-free advantages ----------------------------------------------------------------------
+
+
+def test_group_mean_std_per_prompt_group_with_a_sample_mask():
+    scores = t([1.0, 0.0, 0.0, 1.0, 3.0, 1.0, 100.0, 2.0])
+    mask = t([1, 1, 1, 1, 1, 1, 0, 1])
+    mean, std = ops.masked_group_mean_std(scores, 4, mask)
+    # group 1: mean 0.5, unbiased var ((0.5^2) * 4) / 3; group 2 without the masked 100: 3, 1, 2 -> mean 2, var 1
+    assert mean.tolist() == pytest.approx([0.5] * 4 + [2.0] * 4)
+    assert std.tolist() == pytest.approx([math.sqrt(1 / 3)] * 4 + [1.0] * 4)
+    lone_mean, lone_std = ops.masked_group_mean_std(t([5.0, 7.0]), 2, t([1, 0]))
+    assert lone_mean.tolist() == [5.0, 5.0] and lone_std.tolist() == [0.0, 0.0]  # one sample: no spread
+    with pytest.raises(ValueError, match="whole groups of 4"):
+        ops.masked_group_mean_std(t([1.0, 2.0, 3.0]), 4)
+
+
+def test_grpo_advantages_and_the_dr_grpo_variant():
+    scores = t([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    std = math.sqrt(1 / 3)
+    adv = ops.grpo_advantages(scores, 4, normalize_std=True, eps=1e-4)
+    expected = [0.5 / (std + 1e-4), -0.5 / (std + 1e-4), -0.5 / (std + 1e-4), 0.5 / (std + 1e-4)] + [0.0] * 4
+    assert adv.tolist() == pytest.approx(expected)
+    dr = ops.grpo_advantages(scores, 4, normalize_std=False)
+    assert dr.tolist() == pytest.approx([0.5, -0.5, -0.5, 0.5, 0.0, 0.0, 0.0, 0.0])
+    # Dr. GRPO keeps the scale of the rewards: a group twice as spread out gets twice the advantage,
+    # GRPO gives both the same unit-std advantages.
+    wide = t([2.0, 0.0, 0.0, 2.0])
+    assert ops.grpo_advantages(wide, 4, normalize_std=False).tolist() == pytest.approx([1.0, -1.0, -1.0, 1.0])
+    assert ops.grpo_advantages(wide, 4).tolist() == pytest.approx(adv[:4].tolist(), rel=1e-3)
+    masked = ops.grpo_advantages(t([3.0, 1.0, 100.0, 2.0]), 4, mask=t([1, 1, 0, 1]), eps=0.0)
+    assert masked.tolist() == pytest.approx([1.0, -1.0, 0.0, 0.0])
+
+
+def test_rloo_baseline_is_the_mean_of_the_other_samples():
+    scores = t([1.0, 0.0, 0.0, 1.0])
+    # sample 0: 1 - (0 + 0 + 1) / 3; sample 1: 0 - (1 + 0 + 1) / 3
+    assert ops.rloo_advantages(scores, 4).tolist() == pytest.approx([2 / 3, -2 / 3, -2 / 3, 2 / 3])
+    masked = ops.rloo_advantages(t([3.0, 1.0, 100.0, 2.0]), 4, t([1, 1, 0, 1]))
+    assert masked.tolist() == pytest.approx([3.0 - 1.5, 1.0 - 2.5, 0.0, 2.0 - 2.0])
+    # k / (k - 1) times the mean-centred reward: the same direction as Dr. GRPO, a larger scale
+    assert ops.rloo_advantages(scores, 4).tolist() == pytest.approx(
+        (ops.grpo_advantages(scores, 4, normalize_std=False) * 4 / 3).tolist())
+    assert ops.rloo_advantages(t([4.0, 9.0]), 2, t([1, 0])).tolist() == [0.0, 0.0]  # no other sample, no baseline
+
+
+def test_zero_variance_group_fraction():
+    assert ops.zero_variance_group_fraction(t([1.0, 1.0, 0.0, 1.0, 2.0, 2.0]), 2) == pytest.approx(2 / 3)
+
+
+def test_discounted_returns_skip_padding():
+    rewards = t([[1.0, 2.0, 3.0, 9.0], [0.5, 0.0, 0.0, 0.0], [1.0, 9.0, 2.0, 0.0]])
+    mask = t([[1, 1, 1, 0], [1, 0, 0, 0], [1, 0, 1, 0]])
+    g = ops.discounted_returns(rewards, mask, gamma=0.5)
+    assert g[0].tolist() == pytest.approx([1 + 0.5 * (2 + 0.5 * 3), 2 + 0.5 * 3, 3.0, 0.0])
+    assert g[1].tolist() == pytest.approx([0.5, 0.0, 0.0, 0.0])
+    assert g[2].tolist() == pytest.approx([1 + 0.5 * 2, 0.0, 2.0, 0.0])
+
+
+def test_reinforce_pp_normalises_returns_over_the_whole_batch():
+    rewards = t([[-0.1, -0.2, 3.0], [0.5, 0.0, 0.0]])
+    mask = t([[1, 1, 1], [1, 0, 0]])
+    adv, ret = ops.reinforce_pp_advantages(rewards, mask, gamma=1.0)
+    vals = [2.7, 2.8, 3.0, 0.5]
+    assert [ret[0, 0].item(), ret[0, 1].item(), ret[0, 2].item(), ret[1, 0].item()] == pytest.approx(vals)
+    mean = sum(vals) / 4
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / 3 + 1e-8)
+    assert adv[0].tolist() == pytest.approx([(v - mean) / std for v in vals[:3]])
+    assert adv[1].tolist() == pytest.approx([(0.5 - mean) / std, 0.0, 0.0])
+    # Two processes with the same batch: the sums double, the mean stays, the variance uses 2n - 1.
+    both = ops.whiten_over_batch(ret, mask, total=lambda v: 2 * v)
+    var2 = 2 * sum((v - mean) ** 2 for v in vals) / (2 * 4 - 1)
+    assert both[0, 0].item() == pytest.approx((2.7 - mean) / math.sqrt(var2 + 1e-8))
+    torch.testing.assert_close(ops.whiten_over_batch(ret, mask), ops.masked_whiten(ret, mask))
+
+
+def test_kl_loss_is_k3_of_the_current_policy_and_pulls_towards_the_reference():
+    logp = t([[-1.0, -2.0, -7.0]]).requires_grad_()
+    ref = t([[-1.5, -1.0, -3.0]])
+    mask = t([[1, 1, 0]])
+    loss = ops.kl_loss(logp, ref, mask)
+    k3 = [math.exp(-0.5) + 0.5 - 1, math.exp(1.0) - 1.0 - 1]
+    assert loss.item() == pytest.approx(sum(k3) / 2)
+    loss.backward()
+    # d/dlogp [exp(ref - logp) - (ref - logp) - 1] = 1 - exp(ref - logp): descending moves logp towards ref
+    assert logp.grad[0].tolist() == pytest.approx([(1 - math.exp(-0.5)) / 2, (1 - math.exp(1.0)) / 2, 0.0])

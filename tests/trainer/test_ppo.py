@@ -29,13 +29,7 @@ WORDS = "the a cat dog sat ran on mat big red blue green small fast slow good an
 KL_BOUND = 8.0  # nats per response (sum over its <= 8 tokens); the stated bound of the learning test
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # trainer/conftest.py: one torch thread
 
 
 def build_tokenizer():
@@ -57,8 +51,11 @@ def gpt2_config(tok) -> transformers.GPT2Config:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
+    return make_world(tmp_path_factory.mktemp("ppo-world"))
+
+
+def make_world(root: Path) -> Path:
     """A saved tiny actor with its tokenizer and a JSONL file of 64 word prompts."""
-    root = tmp_path_factory.mktemp("ppo-world")
     tok = build_tokenizer()
     torch.manual_seed(0)
     actor = transformers.GPT2LMHeadModel(gpt2_config(tok))

@@ -23,13 +23,7 @@ from rlhf_trainer.ppo_scorers import CountScorer, rule_scorer  # noqa: E402
 VOCAB, PAD, EOS = 24, 0, 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # trainer/conftest.py: one torch thread
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +184,51 @@ def test_count_scorer():
     assert isinstance(rule_scorer("count: x"), CountScorer)
     with pytest.raises(ValueError, match="count:<text>"):
         rule_scorer("length")
+
+
+def close(x: torch.Tensor, expected) -> None:
+    torch.testing.assert_close(x, torch.tensor(expected, dtype=x.dtype), rtol=1e-5, atol=1e-6)
+
+
+def _critic_free(estimator, scores, kl_in_loss, group_size=2, **kw):
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]])
+    logp = torch.tensor([[-1.0, -1.0, -9.0], [-1.0, -2.0, -1.0], [-1.0, -9.0, -9.0], [-1.0, -1.0, -1.0]])
+    ref = torch.tensor([[-1.5, -1.0, -1.0], [-1.0, -1.0, -1.0], [-2.0, -1.0, -1.0], [-1.0, -1.0, -1.0]])
+    return mask, finish_rollout(
+        query=torch.zeros(4, 1, dtype=torch.long), query_mask=torch.ones(4, 1, dtype=torch.long),
+        response=torch.zeros(4, 3, dtype=torch.long), response_mask=mask, logprobs=logp, ref_logprobs=ref,
+        values=None, scores=torch.tensor(scores), kl_coef=0.1, kl_estimator="k1", reward_clip=0.0, score_mean=None,
+        score_std=None, gamma=1.0, lam=0.95, whiten_advantages=True, estimator=estimator, group_size=group_size,
+        kl_in_loss=kl_in_loss, **kw,
+    )
+
+
+def test_grpo_rollout_spreads_each_group_advantage_over_its_tokens_and_keeps_kl_out_of_the_reward():
+    mask, ro = _critic_free("grpo", [1.0, 0.0, 3.0, 3.0], kl_in_loss=True)
+    a = 0.5 / (math.sqrt(0.5) + 1e-4)  # group (1, 0): mean 0.5, std sqrt(0.5); group (3, 3): no spread
+    close(ro.advantages, [[a, a, 0.0], [-a, -a, -a], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    assert ro.rewards.sum(1).tolist() == pytest.approx([1.0, 0.0, 3.0, 3.0])  # no KL in the reward
+    assert ro.kl[0].tolist() == pytest.approx([0.5, 0.0, 0.0])  # still measured (k1 = logp - ref)
+    assert ro.values.abs().sum() == 0 and ro.returns[2].tolist() == pytest.approx([3.0, 0.0, 0.0])
+    _, dr = _critic_free("grpo", [1.0, 0.0, 3.0, 3.0], kl_in_loss=True, grpo_normalize_std=False)
+    close(dr.advantages[:2], [[0.5, 0.5, 0.0], [-0.5, -0.5, -0.5]])
+
+
+def test_rloo_rollout_puts_the_summed_kl_into_the_sequence_reward():
+    mask, ro = _critic_free("rloo", [1.0, 0.0, 3.0, 3.0], kl_in_loss=False)
+    # sequence rewards: score - 0.1 * sum KL; KL sums (k1): row0 0.5, row1 -1, row2 1, row3 0
+    seq = [1.0 - 0.05, 0.0 + 0.1, 3.0 - 0.1, 3.0]
+    assert ro.rewards.sum(1).tolist() == pytest.approx(seq)
+    expected = [seq[0] - seq[1], seq[1] - seq[0], seq[2] - seq[3], seq[3] - seq[2]]  # k = 2: the other sample
+    close(ro.advantages, [[e * m for m in row] for e, row in zip(expected, mask.tolist(), strict=True)])
+
+
+def test_reinforce_pp_rollout_normalises_rewards_to_go_over_the_batch():
+    mask, ro = _critic_free("reinforce_plus_plus", [1.0, 0.0, 3.0, 3.0], kl_in_loss=False, group_size=1)
+    togo = ops.discounted_returns(ro.rewards, mask, 1.0)
+    torch.testing.assert_close(ro.returns, togo)
+    assert ro.rewards[0].tolist() == pytest.approx([-0.05, 1.0, 0.0])  # per-token KL, score on the last real token
+    assert ops.masked_mean(ro.advantages, mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert ops.masked_var(ro.advantages, mask).item() == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(ValueError, match="critic's values"):
+        _critic_free("gae", [1.0, 0.0, 3.0, 3.0], kl_in_loss=False)

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,7 @@ from rlhf_trainer import contract as c
 from rlhf_trainer.config import ConfigError, from_dict
 from rlhf_trainer.runtime.checkpoint import CheckpointManager
 from rlhf_trainer.runtime.failure import DataError, GracefulStop, NumericError, check_finite
+from support.ports import free_port
 
 torch = pytest.importorskip("torch")
 
@@ -136,12 +136,6 @@ def test_a_checkpoint_cut_off_mid_write_is_never_picked(tmp_path):
 
 
 # --- metrics -------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_metrics_endpoint_serves_the_contract_names_with_labels(capsys):
     cfg = cfg_of(job={"name": "rm-1", "namespace": "team-a"}, metrics={"port": free_port(), "host": "127.0.0.1"})

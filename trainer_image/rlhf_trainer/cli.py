@@ -1,7 +1,8 @@
 """Command line: ``python -m rlhf_trainer {sft,reward,ppo} --config FILE`` (or ``$RLHF_CONFIG``).
 
 Exit codes (``contract``): 0 done, 2 bad config, 3 bad data, 4 unreadable model, 5 NaN/Inf loss,
-7 a checkpoint changed after it was written, 143 stopped by SIGTERM after writing a checkpoint. The
+7 a checkpoint changed after it was written, 8 the reward endpoint kept failing (retried), 9 the reward
+endpoint refused the request (permanent), 143 stopped by SIGTERM after writing a checkpoint. The
 reason of a failure is printed and also written to the container's termination message
 (``$RLHF_TERMINATION_LOG``); a success message carries the final progress (incl. ``resumedFromStep``).
 """
@@ -24,7 +25,8 @@ STAGE_MODULES = {"sft": "rlhf_trainer.sft", "reward": "rlhf_trainer.reward", "pp
 
 
 _KIND = {"DataError": "data error", "ModelError": "model error", "NumericError": "numeric error",
-         "CheckpointError": "checkpoint error"}
+         "CheckpointError": "checkpoint error", "NonFiniteGradients": "non-finite gradients",
+         "RewardEndpointError": "reward endpoint error"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

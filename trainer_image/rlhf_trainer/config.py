@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,10 @@ from typing import Any, Literal
 import yaml
 
 STAGES = ("sft", "reward", "ppo")
+# Advantage estimators of the PPO stage; the critic-free ones load and train no value model.
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_plus_plus")
+CRITIC_FREE_ESTIMATORS = ("grpo", "rloo", "reinforce_plus_plus")
+GROUP_ESTIMATORS = ("grpo", "rloo")  # compare the samples of one prompt: need samples_per_prompt >= 2
 
 # Fixed paths inside a trainer pod. The operator mounts volumes there; the trainer reads them.
 CONFIG_MOUNT_DIR = "/etc/rlhf"
@@ -63,7 +69,8 @@ class ModelConfig:
 
 @dataclass
 class DatasetConfig:
-    path: str = _help("File or directory of the dataset (JSONL, JSON, Parquet, or a `datasets` save_to_disk dir).", default="")
+    path: str = _help("File or directory of the dataset (JSONL, JSON, Parquet, or a `datasets` save_to_disk dir).",
+                      default="")
     hub_id: str = _help("Hugging Face dataset id; used only when `path` is empty.", default="")
     file_format: Literal["auto", "jsonl", "json", "parquet", "hf_disk"] = _help(
         "Container format; `auto` picks from the file extension or directory layout.", default="auto"
@@ -90,8 +97,10 @@ class TrainingConfig:
     gradient_accumulation_steps: int = _help("Micro batches per optimizer step.", default=1)
     learning_rate: float = _help("Peak learning rate (AdamW).", default=1e-5)
     weight_decay: float = _help("AdamW weight decay.", default=0.0)
-    warmup_steps: int = _help("Linear warm-up steps, then linear decay to 0 (constant if `lr_schedule` is constant).", default=0)
-    lr_schedule: Literal["linear", "constant", "cosine"] = _help("Learning-rate schedule after warm-up.", default="linear")
+    warmup_steps: int = _help("Linear warm-up steps, then linear decay to 0 (constant if `lr_schedule` is constant).",
+                              default=0)
+    lr_schedule: Literal["linear", "constant", "cosine"] = _help("Learning-rate schedule after warm-up.",
+                                                                 default="linear")
     max_grad_norm: float = _help("Gradient clipping norm (0 = off).", default=1.0)
     max_length: int = _help("Maximum tokens per sequence (longer ones are truncated).", default=512)
     seed: int = _help("Random seed for model init, shuffling and sampling.", default=42)
@@ -99,6 +108,11 @@ class TrainingConfig:
     eval_every: int = _help("Evaluate every N steps (0 = only at the end).", default=0)
     threads: int = _help("torch CPU threads (0 = as many as the pod requests CPUs, spec.resources.cpu; "
                          "without a request, the CPU limit or torch's default).", default=0)
+    max_skipped_steps: int = _help(
+        "Consecutive optimizer steps skipped for NaN/Inf gradients that end the run (exit code 10, "
+        "NonFiniteGradients); 0 = automatic: one PPO iteration's optimizer steps for PPO, 10 for SFT and reward.",
+        default=0,
+    )
 
 
 @dataclass
@@ -116,30 +130,112 @@ class SFTConfig:
 
 
 @dataclass
+class RewardEndpointConfig:
+    url: str = _help(
+        "HTTP(S) URL of a reward service. Each batch of responses is POSTed as JSON {prompts, responses, fields, job}; "
+        "the answer is {rewards: [number, ...]}, one per response (README: Rewards). Empty = no endpoint.",
+        default="",
+    )
+    weight: float = _help("Weight of the endpoint's reward in the sum of reward sources.", default=1.0)
+    timeout_seconds: float = _help("Seconds to wait for one answer before the request counts as failed.", default=30.0)
+    max_retries: int = _help(
+        "Retries of a request that timed out, could not connect or got HTTP 408/425/429/5xx; then the trainer stops "
+        "with exit code 8 (restarted by the operator, resuming from its checkpoint).", default=5
+    )
+    backoff_seconds: float = _help("Wait before the first retry; doubled for each further one.", default=1.0)
+    max_backoff_seconds: float = _help("Longest wait between two retries.", default=30.0)
+    max_in_flight: int = _help("Requests sent at the same time at most (per trainer process).", default=4)
+    batch_size: int = _help("Responses per request.", default=64)
+    token_file: str = _help(
+        "File holding a bearer token sent as `Authorization: Bearer <token>` (the operator mounts "
+        "spec.reward.endpoint.tokenSecret here). Empty = no token.", default=""
+    )
+
+
+@dataclass
+class MatchRuleConfig:
+    field: str = _help(
+        "Dataset field holding each prompt's reference answer (e.g. `answer`; `response` of prompt/response rows). "
+        "Empty = rule off.", default=""
+    )
+    mode: Literal["exact", "regex"] = _help(
+        "exact: the response (or its `extract` part) equals the field after collapsing whitespace; regex: the field "
+        "holds a regular expression that must be found in it. Scores 1 or 0.", default="exact"
+    )
+    extract: str = _help(
+        "Regular expression applied to the response first; its last match (group 1 if it has groups) is compared, "
+        r"e.g. `(-?\d+)\s*$` for a final number. Empty = the whole response.", default=""
+    )
+    weight: float = _help("Weight of this rule in the sum of reward sources.", default=1.0)
+
+
+@dataclass
+class LengthRuleConfig:
+    min_chars: int = _help("Fewest characters of the stripped response that score 1 (0 = no lower bound).", default=0)
+    max_chars: int = _help("Most characters of the stripped response that score 1 (0 = no upper bound; both 0 = "
+                           "rule off).", default=0)
+    weight: float = _help("Weight of this rule in the sum of reward sources.", default=1.0)
+
+
+@dataclass
+class FormatRuleConfig:
+    pattern: str = _help(
+        "Regular expression the whole stripped response must match (`.` matches newlines) to score 1, else 0. "
+        "Empty = rule off.", default=""
+    )
+    weight: float = _help("Weight of this rule in the sum of reward sources.", default=1.0)
+
+
+@dataclass
+class RewardSourcesConfig:
+    model_weight: float = _help(
+        "Weight of the reward model's score (normalised with its saved statistics when ppo.normalize_reward) when "
+        "other sources are set too; the reward is the weighted sum of every source set.", default=1.0
+    )
+    endpoint: RewardEndpointConfig = _help("A remote reward service.", default_factory=RewardEndpointConfig)
+    match: MatchRuleConfig = _help("Verifiable rule: the response against a dataset field.",
+                                   default_factory=MatchRuleConfig)
+    length: LengthRuleConfig = _help("Verifiable rule: the response's length.", default_factory=LengthRuleConfig)
+    format: FormatRuleConfig = _help("Verifiable rule: the response's format.", default_factory=FormatRuleConfig)
+
+    def sources(self) -> list[str]:
+        """Names of the non-model sources that are set."""
+        on = {"endpoint": bool(self.endpoint.url), "match": bool(self.match.field),
+              "length": bool(self.length.min_chars or self.length.max_chars), "format": bool(self.format.pattern)}
+        return [k for k, v in on.items() if v]
+
+
+@dataclass
 class PPOConfig:
     actor: ModelConfig = _help("Policy to train (usually the SFT output).", default_factory=ModelConfig)
-    reward_model: ModelConfig = _help("Frozen reward model (usually a RewardModelJob output).", default_factory=ModelConfig)
+    reward_model: ModelConfig = _help("Frozen reward model (usually a RewardModelJob output).",
+                                      default_factory=ModelConfig)
     reward_fn: str = _help(
         "Built-in rule scorer used instead of `reward_model` (tests, demos): `count:<text>` scores a "
         "response by how many times <text> occurs in its decoded text. Empty = use the reward model.",
         default="",
     )
     critic: ModelConfig = _help("Critic init; empty = the reward model's backbone.", default_factory=ModelConfig)
-    reference: ModelConfig = _help("Frozen reference policy; empty = a copy of the actor at start.", default_factory=ModelConfig)
+    reference: ModelConfig = _help("Frozen reference policy; empty = a copy of the actor at start.",
+                                   default_factory=ModelConfig)
     kl_coef: float = _help("Initial KL penalty coefficient beta.", default=0.05)
     kl_target: float = _help("Adaptive KL target (0 = fixed coefficient).", default=0.0)
     kl_horizon: int = _help("Horizon of the adaptive KL controller (in samples).", default=10000)
-    kl_estimator: Literal["k1", "k3"] = _help("Per-token KL estimator: k1 = log p - log q, k3 = (r - 1) - log r.", default="k1")
+    kl_estimator: Literal["k1", "k3"] = _help("Per-token KL estimator: k1 = log p - log q, k3 = (r - 1) - log r.",
+                                              default="k1")
     cliprange: float = _help("Policy ratio clip epsilon.", default=0.2)
     cliprange_value: float = _help("Value clip range around old values.", default=0.2)
     vf_coef: float = _help("Value loss coefficient.", default=0.5)
     entropy_coef: float = _help("Entropy bonus coefficient.", default=0.0)
     gamma: float = _help("Discount factor.", default=1.0)
     lam: float = _help("GAE lambda.", default=0.95)
-    whiten_advantages: bool = _help("Whiten advantages over each rollout.", default=True)
+    whiten_advantages: bool = _help("Whiten advantages over each rollout (gae; the other estimators normalise their "
+                                    "own way).", default=True)
     reward_clip: float = _help("Clip the reward-model score to [-c, c] (0 = off).", default=5.0)
     normalize_reward: bool = _help("Normalise RM scores with the mean/std saved with the reward model.", default=True)
-    rollout_batch_size: int = _help("Prompts per rollout (per PPO iteration).", default=16)
+    rollout_batch_size: int = _help(
+        "Responses per rollout (per PPO iteration and process): prompts x samples_per_prompt.", default=16
+    )
     minibatch_size: int = _help("Samples per PPO minibatch.", default=8)
     ppo_epochs: int = _help("Passes over each rollout.", default=1)
     max_prompt_length: int = _help("Prompt tokens kept (left-truncated).", default=128)
@@ -150,11 +246,38 @@ class PPOConfig:
     ptx_coef: float = _help("Pretraining (PTX) loss coefficient (0 = off).", default=0.0)
     ptx_dataset: DatasetConfig = _help("Text data for the PTX loss.", default_factory=DatasetConfig)
     critic_learning_rate: float = _help("Critic learning rate (0 = the training learning rate).", default=0.0)
+    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_plus_plus"] = _help(
+        "How advantages are computed. gae: a critic (value model) and GAE. grpo: each response's reward minus its "
+        "prompt group's mean, divided by the group's std (see grpo_normalize_std). rloo: the reward minus the mean "
+        "reward of the other responses to the same prompt. reinforce_plus_plus: per-token KL in the reward, "
+        "rewards-to-go normalised over the whole batch. grpo, rloo and reinforce_plus_plus load and train no critic.",
+        default="gae",
+    )
+    samples_per_prompt: int = _help(
+        "Responses sampled per prompt (one group); at least 2 for grpo and rloo. rollout_batch_size counts responses "
+        "and must be a multiple of it.", default=1
+    )
+    grpo_normalize_std: bool = _help(
+        "grpo: divide by the group's reward std; false = Dr. GRPO (only subtract the group mean, so groups of nearly "
+        "equal rewards are not blown up).", default=True
+    )
+    kl_in_loss: bool = _help(
+        "Add kl_coef times the k3 KL to the reference to the actor's loss instead of subtracting the KL from the "
+        "reward (as GRPO does). The KL metric still uses kl_estimator.", default=False
+    )
+    rewards: RewardSourcesConfig = _help(
+        "Reward sources besides the reward model: a remote endpoint and verifiable rules, summed with weights.",
+        default_factory=RewardSourcesConfig,
+    )
 
 
 @dataclass
 class DeepSpeedConfig:
-    enabled: bool = _help("Wrap trained models with DeepSpeed (off = plain torch).", default=True)
+    enabled: bool | None = _help(
+        "Wrap trained models with DeepSpeed (false = plain torch). Unset = automatic: plain torch for one "
+        "process with zeroStage 0/1 and no offload (faster there), DeepSpeed otherwise.",
+        default=None,
+    )
     zero_stage: int = _help("ZeRO stage 0-3.", default=0)
     offload_optimizer: bool = _help("Offload optimizer states to CPU memory.", default=False)
     offload_params: bool = _help("Offload parameters to CPU memory (ZeRO-3 only).", default=False)
@@ -190,8 +313,10 @@ class TrainerConfig:
     deepspeed: DeepSpeedConfig = _help("DeepSpeed settings.", default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = _help("Checkpointing and resume.", default_factory=CheckpointConfig)
     metrics: MetricsConfig = _help("Prometheus endpoint.", default_factory=MetricsConfig)
-    output_dir: str = _help("Where the final Hugging Face export is written; empty = <checkpoint.dir>/final.", default="")
-    inputs: dict[str, str] = _help("Upstream jobs used, name -> path (recorded in the output metadata).", default_factory=dict)
+    output_dir: str = _help("Where the final Hugging Face export is written; empty = <checkpoint.dir>/final.",
+                            default="")
+    inputs: dict[str, str] = _help("Upstream jobs used, name -> path (recorded in the output metadata).",
+                                   default_factory=dict)
 
     @property
     def final_dir(self) -> str:
@@ -208,6 +333,9 @@ class TrainerConfig:
 
 def _check_scalar(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
+    if origin is types.UnionType and type(None) in typing.get_args(tp):  # `X | None`: unset is allowed
+        inner = next(a for a in typing.get_args(tp) if a is not type(None))
+        return None if value is None else _check_scalar(value, inner, where)
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
@@ -269,6 +397,7 @@ def _positive(cfg: TrainerConfig) -> list[tuple[str, float, float]]:
         ("training.max_steps", t.max_steps, 0),
         ("training.learning_rate", t.learning_rate, 0),
         ("training.log_every", t.log_every, 1),
+        ("training.max_skipped_steps", t.max_skipped_steps, 0),
         ("checkpoint.keep_last", cfg.checkpoint.keep_last, 1),
         ("checkpoint.every_steps", cfg.checkpoint.every_steps, 0),
         ("ppo.rollout_batch_size", p.rollout_batch_size, 1),
@@ -277,9 +406,81 @@ def _positive(cfg: TrainerConfig) -> list[tuple[str, float, float]]:
         ("ppo.max_new_tokens", p.max_new_tokens, 1),
         ("ppo.kl_coef", p.kl_coef, 0),
         ("ppo.temperature", p.temperature, 1e-6),
+        ("ppo.samples_per_prompt", p.samples_per_prompt, 1),
+        ("ppo.rewards.endpoint.timeout_seconds", p.rewards.endpoint.timeout_seconds, 1e-3),
+        ("ppo.rewards.endpoint.max_retries", p.rewards.endpoint.max_retries, 0),
+        ("ppo.rewards.endpoint.backoff_seconds", p.rewards.endpoint.backoff_seconds, 0),
+        ("ppo.rewards.endpoint.max_backoff_seconds", p.rewards.endpoint.max_backoff_seconds, 0),
+        ("ppo.rewards.endpoint.max_in_flight", p.rewards.endpoint.max_in_flight, 1),
+        ("ppo.rewards.endpoint.batch_size", p.rewards.endpoint.batch_size, 1),
+        ("ppo.rewards.length.min_chars", p.rewards.length.min_chars, 0),
+        ("ppo.rewards.length.max_chars", p.rewards.length.max_chars, 0),
         ("deepspeed.zero_stage", cfg.deepspeed.zero_stage, 0),
         ("metrics.port", cfg.metrics.port, 0),
     ]
+
+
+def _regex_error(path: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(f"{path}: {pattern!r} is not a valid regular expression ({e}); fix it") from None
+
+
+def validate_ppo(p: PPOConfig) -> None:
+    """PPO rules across fields: estimator, groups, critic, reward sources."""
+    est, k = p.advantage_estimator, p.samples_per_prompt
+    if est in GROUP_ESTIMATORS and k < 2:
+        raise ConfigError(
+            f"ppo.samples_per_prompt: {est} compares the responses to one prompt with each other, so it needs at "
+            f"least 2 per prompt, got {k}; set ppo.samples_per_prompt >= 2 (e.g. 4)"
+        )
+    if p.rollout_batch_size % k:
+        raise ConfigError(
+            f"ppo.rollout_batch_size: {p.rollout_batch_size} responses are not whole groups of "
+            f"ppo.samples_per_prompt ({k}); use a multiple of {k}"
+        )
+    if est in CRITIC_FREE_ESTIMATORS:
+        if p.critic.path or p.critic.hub_id or p.critic.init_from_config:
+            raise ConfigError(
+                f"ppo.critic: advantage_estimator {est} uses no critic (no value model is loaded or trained); "
+                "remove ppo.critic, or use advantage_estimator gae"
+            )
+        if p.critic_learning_rate > 0:
+            raise ConfigError(
+                f"ppo.critic_learning_rate: advantage_estimator {est} trains no critic; remove it, or use "
+                "advantage_estimator gae"
+            )
+    r, sources = p.rewards, p.rewards.sources()
+    if p.reward_fn and sources:
+        raise ConfigError(
+            f"ppo.reward_fn: {p.reward_fn!r} cannot be combined with ppo.rewards ({', '.join(sources)}); use the "
+            "rules of ppo.rewards (match, length, format) instead"
+        )
+    if p.reward_fn and not (p.reward_fn.startswith("count:") and len(p.reward_fn) > 6):
+        raise ConfigError(
+            f"ppo.reward_fn: {p.reward_fn!r} is not a known rule; use `count:<text>` or leave it empty "
+            "to score with ppo.reward_model or ppo.rewards"
+        )
+    if r.endpoint.url and not r.endpoint.url.startswith(("http://", "https://")):
+        raise ConfigError(f"ppo.rewards.endpoint.url: {r.endpoint.url!r} must start with http:// or https://")
+    if r.match.extract:
+        _regex_error("ppo.rewards.match.extract", r.match.extract)
+    if r.format.pattern:
+        _regex_error("ppo.rewards.format.pattern", r.format.pattern)
+    if r.length.max_chars and r.length.min_chars > r.length.max_chars:
+        raise ConfigError(
+            f"ppo.rewards.length: min_chars ({r.length.min_chars}) is larger than max_chars ({r.length.max_chars}); "
+            "no response could score"
+        )
+    if not (p.actor.path or p.actor.hub_id or p.actor.init_from_config):
+        raise ConfigError("ppo.actor: set path (or hub_id) to the model to use")
+    rm = p.reward_model
+    if not (p.reward_fn or sources or rm.path or rm.hub_id or rm.init_from_config):
+        raise ConfigError(
+            "ppo.reward_model: set path (or hub_id) to the reward model, or a reward source in ppo.rewards "
+            "(endpoint, match, length, format)"
+        )
 
 
 def validate(cfg: TrainerConfig) -> TrainerConfig:
@@ -303,15 +504,7 @@ def validate(cfg: TrainerConfig) -> TrainerConfig:
                 f"ppo.minibatch_size ({cfg.ppo.minibatch_size}) is larger than ppo.rollout_batch_size "
                 f"({cfg.ppo.rollout_batch_size}); make it smaller or equal"
             )
-        if cfg.ppo.reward_fn and not (cfg.ppo.reward_fn.startswith("count:") and len(cfg.ppo.reward_fn) > 6):
-            raise ConfigError(
-                f"ppo.reward_fn: {cfg.ppo.reward_fn!r} is not a known rule; use `count:<text>` or leave it empty "
-                "to score with ppo.reward_model"
-            )
-        for role in ("actor",) if cfg.ppo.reward_fn else ("actor", "reward_model"):
-            m: ModelConfig = getattr(cfg.ppo, role)
-            if not (m.path or m.hub_id or m.init_from_config):
-                raise ConfigError(f"ppo.{role}: set path (or hub_id) to the model to use")
+        validate_ppo(cfg.ppo)
     else:
         m = cfg.model
         if not (m.path or m.hub_id or m.init_from_config):

@@ -4,6 +4,8 @@ Importable without torch. The operator reads progress from the trainer's Prometh
 these names; the Grafana dashboard and alert rules query them too.
 """
 
+import dataclasses
+
 # Environment of a trainer pod (set by the operator).
 ENV_CONFIG = "RLHF_CONFIG"  # path of the rendered TrainerConfig YAML
 ENV_JOB_NAME = "RLHF_JOB_NAME"
@@ -31,6 +33,10 @@ M_SAMPLES_TOTAL = "rlhf_trainer_samples_total"  # counter
 M_TOKENS_TOTAL = "rlhf_trainer_tokens_total"  # counter
 M_CHECKPOINT_SECONDS = "rlhf_trainer_checkpoint_duration_seconds"  # histogram
 M_RESUMED_FROM_STEP = "rlhf_trainer_resumed_from_step"  # checkpoint step restored at start, -1 when started fresh
+# Counter of optimizer steps skipped for NaN/Inf gradients; the one metric with an extra label, model =
+# actor|critic (PPO), policy (SFT), reward (reward model). Progress and messages use the sum over models.
+M_SKIPPED_STEPS = "rlhf_trainer_skipped_steps_total"
+SKIPPED_STEPS_LABELS = (*LABELS, "model")
 
 # Reward-model gauges (split label: train|eval would add cardinality 2; we use separate names).
 M_RM_ACCURACY = "rlhf_reward_accuracy"
@@ -54,18 +60,68 @@ M_PPO_ADVANTAGES_MEAN = "rlhf_ppo_advantages_mean"
 M_PPO_RETURNS_MEAN = "rlhf_ppo_returns_mean"
 M_PPO_VALUES_MEAN = "rlhf_ppo_values_mean"
 M_PPO_PHASE_SECONDS = "rlhf_ppo_phase_seconds"  # gauge with extra label phase=generate|score|train
+M_PPO_REWARD_GROUP_STD = "rlhf_ppo_reward_group_std"  # mean std of the rewards within a prompt's group
+M_PPO_ZERO_VARIANCE_GROUPS = "rlhf_ppo_zero_variance_group_fraction"  # groups whose rewards are all equal
+M_PPO_REWARD_SOURCE_MEAN = "rlhf_ppo_reward_source_mean"  # gauge with extra label source=model|endpoint|match|...
+M_PPO_CRITIC_ENABLED = "rlhf_ppo_critic_enabled"  # 1: a critic is loaded and trained (gae); 0: critic-free
+M_PPO_KL_LOSS = "rlhf_ppo_kl_loss"  # the k3 KL term of the actor's loss (ppo.kl_in_loss)
 
+# The progress contract, in one table: each row is one status.progress key, the metric it is read from
+# (on the metrics endpoint while the trainer runs, and in its success termination message), int or float,
+# the stages that report it (empty: every stage), its description in the CRDs, and the `kubectl get`
+# column that shows it, if any. A new progress value is one row here; then regenerate the CRDs
+# (python -m rlhf_operator.crdgen). The operator's parser is rlhf_operator.progress.from_metrics.
+@dataclasses.dataclass(frozen=True)
+class ProgressField:
+    key: str  # status.progress key
+    metric: str  # metric name
+    type: type  # int or float
+    help: str  # description of status.progress.<key>
+    stages: tuple[str, ...] = ()  # stages that report it; () = all
+    column: str = ""  # printer column name, shown for column_stages
+    column_help: str = ""
+    column_stages: tuple[str, ...] = ()  # () = the stages that report it
+    summed: bool = False  # one series per value of an extra label (e.g. model): the progress value is their sum
+
+    def reported_by(self, stage: str) -> bool:
+        return not self.stages or stage in self.stages
+
+    def column_for(self, stage: str) -> bool:
+        return bool(self.column) and self.reported_by(stage) and (not self.column_stages or stage in self.column_stages)
+
+
+PROGRESS = (
+    ProgressField("step", M_STEP, int, "Latest optimizer step."),
+    ProgressField("totalSteps", M_TOTAL_STEPS, int, "Planned optimizer steps."),
+    ProgressField("loss", M_LOSS, float, "Latest training loss.",
+                  column="Loss", column_help="Latest training loss.", column_stages=("sft",)),
+    ProgressField("accuracy", M_RM_EVAL_ACCURACY, float, "Latest held-out pairwise accuracy (reward model).",
+                  stages=("reward",), column="Accuracy", column_help="Latest held-out pairwise accuracy."),
+    ProgressField("reward", M_PPO_REWARD_MEAN, float, "Latest mean reward (PPO).",
+                  stages=("ppo",), column="Reward", column_help="Latest mean reward of the rollouts."),
+    ProgressField("kl", M_PPO_KL, float, "Latest KL to the reference policy (PPO).", stages=("ppo",)),
+    ProgressField("checkpointStep", M_LAST_CHECKPOINT_STEP, int, "Step of the newest complete checkpoint."),
+    ProgressField("resumedFromStep", M_RESUMED_FROM_STEP, int,
+                  "Checkpoint step the current trainer pod restored at its start, as the trainer reports it; -1 "
+                  "when it started fresh (no checkpoint). Absent until reported."),
+    ProgressField("skippedSteps", M_SKIPPED_STEPS, int,
+                  "Optimizer steps the current trainer pod skipped because their gradients were NaN/Inf (all trained "
+                  "models together); training.maxSkippedSteps consecutive ones fail the job (NonFiniteGradients).",
+                  summed=True),
+)
 # Metric names the operator copies into status.progress (status key -> metric name).
-PROGRESS_FIELDS = {
-    "step": M_STEP,
-    "totalSteps": M_TOTAL_STEPS,
-    "loss": M_LOSS,
-    "accuracy": M_RM_EVAL_ACCURACY,
-    "reward": M_PPO_REWARD_MEAN,
-    "kl": M_PPO_KL,
-    "checkpointStep": M_LAST_CHECKPOINT_STEP,
-    "resumedFromStep": M_RESUMED_FROM_STEP,
-}
+PROGRESS_FIELDS = {f.key: f.metric for f in PROGRESS}
+
+
+def stage_progress_keys(stage: str) -> frozenset[str]:
+    """status.progress keys that mean something for a stage."""
+    return frozenset(f.key for f in PROGRESS if f.reported_by(stage))
+
+
+def printer_column(stage: str) -> ProgressField:
+    """The progress value `kubectl get` shows for a stage's jobs (exactly one per stage)."""
+    (field,) = (f for f in PROGRESS if f.column_for(stage))
+    return field
 
 # Exit codes of the trainer CLI.
 EXIT_OK = 0
@@ -74,6 +130,10 @@ EXIT_DATA_ERROR = 3  # bad or missing dataset
 EXIT_MODEL_ERROR = 4  # unreadable model path
 EXIT_NUMERIC_ERROR = 5  # NaN/Inf loss
 EXIT_CHECKPOINT_ERROR = 7  # a checkpoint's files do not match their digests: changed after it was written
+EXIT_REWARD_ENDPOINT_ERROR = 8  # the reward endpoint kept failing (timeouts, 5xx) after its retries: retried
+EXIT_REWARD_ENDPOINT_REFUSED = 9  # the reward endpoint refused the request (4xx) or answered garbage: permanent
+EXIT_NONFINITE = 10  # training.max_skipped_steps consecutive optimizer steps had NaN/Inf gradients: permanent
 EXIT_PREEMPTED = 143  # SIGTERM: checkpoint written, resume later
 # Exit codes after which the operator must not retry (the input is wrong, not the machine).
-PERMANENT_EXIT_CODES = (EXIT_CONFIG_ERROR, EXIT_DATA_ERROR, EXIT_MODEL_ERROR, EXIT_CHECKPOINT_ERROR)
+PERMANENT_EXIT_CODES = (EXIT_CONFIG_ERROR, EXIT_DATA_ERROR, EXIT_MODEL_ERROR, EXIT_CHECKPOINT_ERROR,
+                        EXIT_REWARD_ENDPOINT_REFUSED, EXIT_NONFINITE)

@@ -21,7 +21,8 @@ from .config import METADATA_FILE, TrainerConfig
 from .runtime.checkpoint import fsync_tree
 
 
-def build_metadata(cfg: TrainerConfig, steps: int, metrics: dict[str, float], extra: dict[str, Any] | None = None) -> dict:
+def build_metadata(cfg: TrainerConfig, steps: int, metrics: dict[str, float],
+                   extra: dict[str, Any] | None = None) -> dict:
     """The content of rlhf_metadata.json (pure)."""
     model = cfg.ppo.actor if cfg.stage == "ppo" else cfg.model
     return {
@@ -58,7 +59,10 @@ def tree_digest(root: str | Path) -> str:
 
 def input_model_dirs(cfg: TrainerConfig) -> list[str]:
     """The model directories a stage reads (for the digests in its metadata)."""
-    models = [cfg.ppo.actor, cfg.ppo.reward_model, cfg.ppo.critic, cfg.ppo.reference] if cfg.stage == "ppo" else [cfg.model]
+    if cfg.stage == "ppo":
+        models = [cfg.ppo.actor, cfg.ppo.reward_model, cfg.ppo.critic, cfg.ppo.reference]
+    else:
+        models = [cfg.model]
     return sorted({m.path for m in models if m.path and Path(m.path).is_dir()})
 
 

@@ -92,7 +92,8 @@ def _from_config(model_cfg: ModelConfig, tokenizer, auto_cls):
         raise ConfigError("model.init_from_config: set model_type (e.g. gpt2) next to the other config fields")
     init.setdefault("vocab_size", len(tokenizer))
     for name in ("pad_token_id", "eos_token_id", "bos_token_id"):  # defaults of e.g. gpt2 name ids of its own vocab
-        init.setdefault(name, getattr(tokenizer, name) if getattr(tokenizer, name) is not None else tokenizer.eos_token_id)
+        own = getattr(tokenizer, name)
+        init.setdefault(name, own if own is not None else tokenizer.eos_token_id)
     try:
         config = AutoConfig.for_model(model_type, **init)
     except (ValueError, TypeError) as e:
@@ -211,7 +212,8 @@ def build_reward_model(model_cfg: ModelConfig, tokenizer, head: str = "value_hea
 def _reward_meta(path: Path) -> dict[str, Any]:
     meta_file = path / REWARD_MODEL_FILE
     if not meta_file.exists():
-        raise ModelError(f"{path} is not a reward model: {REWARD_MODEL_FILE} is missing (train one with the reward stage)")
+        raise ModelError(f"{path} is not a reward model: {REWARD_MODEL_FILE} is missing "
+                         "(train one with the reward stage)")
     return json.loads(meta_file.read_text())
 
 
@@ -225,7 +227,8 @@ def save_reward_model(model: nn.Module, tokenizer, out_dir: str | Path, stats: d
         model.model.save_pretrained(out, state_dict={k[len("model."):]: v for k, v in sd.items()})
     else:
         backbone_sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
-        head_sd = {k[len("value_head."):]: v.detach().float().contiguous() for k, v in sd.items() if k.startswith("value_head.")}
+        head_sd = {k[len("value_head."):]: v.detach().float().contiguous()
+                   for k, v in sd.items() if k.startswith("value_head.")}
         model.backbone.save_pretrained(out, state_dict=backbone_sd)
         save_file(head_sd, str(out / VALUE_HEAD_FILE))
     tokenizer.save_pretrained(out)

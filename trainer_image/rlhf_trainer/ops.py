@@ -1,4 +1,5 @@
-"""Tensor math of RLHF: masked statistics, log-probs, the pairwise reward loss and the PPO pieces.
+"""Tensor math of RLHF: masked statistics, log-probs, the pairwise reward loss, the PPO pieces and the
+critic-free advantages (GRPO, Dr. GRPO, RLOO, REINFORCE++).
 
 Pure torch functions (no models, no I/O) so that each one can be checked against a hand-computed
 reference. Conventions shared by every PPO helper:
@@ -17,12 +18,15 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .config import ADVANTAGE_ESTIMATORS, CRITIC_FREE_ESTIMATORS, GROUP_ESTIMATORS  # noqa: F401 (re-exported)
+
 # --- masked statistics ---------------------------------------------------------------------------
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Mean of ``x`` over entries where ``mask`` is 1: ``sum(x * m) / sum(m)`` (over ``dim`` or all)."""
     m = mask.to(x.dtype)
+    x = torch.where(m != 0, x, torch.zeros_like(x))  # NaN/Inf on padding must not reach the sum (NaN * 0 = NaN)
     if dim is None:
         return (x * m).sum() / m.sum().clamp(min=1.0)
     return (x * m).sum(dim) / m.sum(dim).clamp(min=1.0)
@@ -242,7 +246,8 @@ def policy_loss(
     Also returns the fraction of tokens where the clipped term is active and the approximate KL
     between the old and the new policy, ``mean((rho - 1) - log rho)`` (the k3 estimator).
     """
-    log_ratio = logp - old_logp
+    # 0 on padding: log-probs of pad tokens drift freely, and exp() of a large difference is inf (NaN gradients).
+    log_ratio = torch.where(mask.bool(), logp - old_logp, torch.zeros_like(logp))
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
@@ -259,7 +264,8 @@ class ValueLoss(NamedTuple):
 
 
 def value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, cliprange_value: float = 0.2
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+    cliprange_value: float = 0.2,
 ) -> ValueLoss:
     """Clipped value loss (PPO2 baselines): ``V_clip = V_old + clip(V - V_old, -c, c)``;
     ``L = 0.5 * mean(max((V - R)^2, (V_clip - R)^2))`` over masked tokens. ``c <= 0`` disables clipping.
@@ -273,6 +279,109 @@ def value_loss(
     with torch.no_grad():
         clip_fraction = masked_mean((clipped > unclipped).to(values.dtype), mask)
     return ValueLoss(loss, clip_fraction)
+
+
+# --- critic-free advantages: GRPO, RLOO, REINFORCE++ ----------------------------------------------
+#
+# A rollout of B samples holds B / k groups of k consecutive samples of the same prompt
+# (``ppo.samples_per_prompt`` = k). Sequence-level quantities are ``(B,)``; a sample mask ``(B,)``
+# leaves samples out of their group's statistics (1 = counts).
+
+
+
+def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    if x.dim() != 1 or group_size < 1 or x.shape[0] % group_size:
+        raise ValueError(
+            f"expected a (batch,) tensor of whole groups of {group_size} samples, got shape {tuple(x.shape)}"
+        )
+    return x.view(-1, group_size)
+
+
+def masked_group_mean_std(
+    scores: torch.Tensor, group_size: int, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (Bessel-corrected) standard deviation of each group over its masked-in samples,
+    repeated for every sample of the group: ``(B,) -> (B,), (B,)``. A group with fewer than two
+    masked-in samples has standard deviation 0 (and mean 0 when it has none)."""
+    g = _grouped(scores, group_size)
+    m = torch.ones_like(g) if mask is None else _grouped(mask.to(scores.dtype), group_size)
+    n = m.sum(1)
+    mean = (g * m).sum(1) / n.clamp(min=1.0)
+    var = (((g - mean[:, None]) ** 2) * m).sum(1) / (n - 1).clamp(min=1.0)
+    std = torch.where(n > 1, var.sqrt(), torch.zeros_like(var))
+    return mean.repeat_interleave(group_size), std.repeat_interleave(group_size)
+
+
+def grpo_advantages(
+    scores: torch.Tensor, group_size: int, normalize_std: bool = True, mask: torch.Tensor | None = None,
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """GRPO (Shao et al. 2024, DeepSeekMath): ``A_i = (r_i - mean_g) / (std_g + eps)`` within each
+    prompt's group; with ``normalize_std=False`` only the mean is removed (Dr. GRPO, Liu et al. 2025,
+    which drops the std division that over-weights groups of nearly equal rewards). Masked-out samples get 0."""
+    mean, std = masked_group_mean_std(scores, group_size, mask)
+    adv = scores - mean
+    if normalize_std:
+        adv = adv / (std + eps)
+    return adv if mask is None else adv * mask.to(adv.dtype)
+
+
+def rloo_advantages(scores: torch.Tensor, group_size: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024): each sample's baseline is the
+    mean reward of the *other* masked-in samples of its group, ``A_i = r_i - (sum_g - r_i) / (n_g - 1)``.
+    A sample alone in its group (n_g < 2) has no baseline and gets 0, as do masked-out samples."""
+    g = _grouped(scores, group_size)
+    m = torch.ones_like(g) if mask is None else _grouped(mask.to(scores.dtype), group_size)
+    n = m.sum(1, keepdim=True)
+    baseline = ((g * m).sum(1, keepdim=True) - g) / (n - 1).clamp(min=1.0)
+    adv = torch.where(n > 1, g - baseline, torch.zeros_like(g)) * m
+    return adv.reshape(-1)
+
+
+def zero_variance_group_fraction(scores: torch.Tensor, group_size: int, tol: float = 1e-6) -> float:
+    """Fraction of groups whose samples all got the same reward: they carry no GRPO/RLOO signal."""
+    g = _grouped(scores, group_size)
+    return float(((g.max(1).values - g.min(1).values) <= tol).float().mean())
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """Rewards-to-go over real response tokens: ``G_t = r_t + gamma * G_{next real token}``; 0 on padding."""
+    m = mask.to(rewards.dtype)
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = m[:, t] * (rewards[:, t] + gamma * running) + (1 - m[:, t]) * running
+        out[:, t] = m[:, t] * running
+    return out
+
+
+def whiten_over_batch(x: torch.Tensor, mask: torch.Tensor, total=None, eps: float = 1e-8) -> torch.Tensor:
+    """``(x - mean) / sqrt(var + eps)`` with mean and (Bessel-corrected) variance over the masked entries of
+    the *whole* batch: ``total`` sums a tensor over all processes (identity on one process). Masked-out -> 0."""
+    total = total or (lambda v: v)
+    m = mask.to(x.dtype)
+    n = total(m.sum())
+    mean = total((x * m).sum()) / n.clamp(min=1.0)
+    sq = total((((x - mean) * m) ** 2).sum())
+    var = sq / (n - 1).clamp(min=1.0)
+    return (x - mean) * torch.rsqrt(var + eps) * m
+
+
+def reinforce_pp_advantages(
+    rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, total=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE++ (Hu 2025): per-token rewards (the per-token KL penalty plus the score at the last real
+    token) summed to go, then normalised over the whole batch - no critic, no per-prompt group.
+    Returns ``(advantages, returns)``, both 0 on padding."""
+    returns = discounted_returns(rewards, mask, gamma)
+    return whiten_over_batch(returns, mask, total).detach(), returns.detach()
+
+
+def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL to the reference as a loss term (GRPO): the k3 estimate ``exp(ref - logp) - (ref - logp) - 1`` of the
+    *current* policy's log-probs, averaged over masked tokens. Unbiased, >= 0, and its gradient pulls the
+    policy towards the reference (k1's gradient would be zero in expectation)."""
+    return masked_mean(kl_penalty(logp, ref_logp, "k3"), mask)
 
 
 def is_finite(x: torch.Tensor | float) -> bool:

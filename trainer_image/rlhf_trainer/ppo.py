@@ -1,15 +1,22 @@
-"""PPO stage: actor, reference, critic and scorer; rollouts, GAE and clipped PPO updates; resumable.
+"""PPO stage: actor, reference, critic and scorer; rollouts, advantages and clipped PPO updates; resumable.
 
 One *iteration* (the step of the metrics and checkpoints) is:
 
-1. generate: sample responses for ``ppo.rollout_batch_size`` left-padded prompts per process;
-2. score: the reward model (own tokenizer; response text re-encoded) or a rule scores each response;
-   actor, reference and critic give per-token log-probs and values;
-3. rewards ``-beta * KL_t`` per token plus the normalised, clipped score at the last real response
-   token; GAE over response tokens; whitened advantages (``ppo_rollout.finish_rollout``);
+1. generate: sample ``ppo.rollout_batch_size`` responses per process, ``ppo.samples_per_prompt`` of them
+   (one group) per left-padded prompt;
+2. score: the reward model (own tokenizer; response text re-encoded), a rule, or the weighted sum of
+   the reward sources (endpoint, rules) scores each response; actor, reference and (with gae) critic
+   give per-token log-probs and values;
+3. advantages (``ppo_rollout.finish_rollout``): gae - rewards ``-beta * KL_t`` per token plus the
+   normalised, clipped score at the last real token, GAE, whitened; grpo / rloo - each sequence reward
+   against its prompt's group; reinforce_plus_plus - rewards-to-go normalised over the batch. With
+   ``ppo.kl_in_loss`` the KL leaves the reward and enters the actor's loss (k3);
 4. train: ``ppo.ppo_epochs`` passes over shuffled minibatches - clipped surrogate minus entropy bonus
-   (plus PTX) for the actor, clipped value loss for the critic, each through its engine;
+   (plus PTX, plus KL) for the actor, clipped value loss for the critic (gae only), each through its engine;
 5. the KL controller is updated, metrics logged, a checkpoint written every ``checkpoint.every_steps``.
+
+The critic-free estimators (grpo, rloo, reinforce_plus_plus) never load, train or checkpoint a critic.
+A reward endpoint that keeps failing stops the run after writing a checkpoint at the iteration boundary.
 
 Every random draw of an iteration (prompt order, sampling, minibatch order) comes from generators
 seeded by (seed, iteration, rank), so a resumed run repeats the iterations of an uninterrupted one.
@@ -37,8 +44,9 @@ from .data.encoding import collate_sft, encode_prompt, encode_sft
 from .data.formats import Record
 from .export import build_metadata, export_final
 from .ppo_rollout import Rollout, finish_rollout, response_logprobs, response_values, sample_responses
-from .ppo_scorers import RewardModelScorer, Scorer, rule_scorer
-from .runtime import failure
+from .ppo_scorers import RewardModelScorer, Scorer, build_scorer
+from .reward_endpoint import EndpointScorer, RewardEndpointError
+from .runtime import failure, nonfinite
 from .runtime.checkpoint import CheckpointManager
 from .runtime.metrics import TrainerMetrics
 from .runtime.strategy import Strategy
@@ -71,7 +79,7 @@ class Models:
     tokenizer: Any
     actor: nn.Module
     reference: nn.Module
-    critic: nn.Module
+    critic: nn.Module | None  # None with a critic-free advantage estimator
     scorer: Scorer
 
 
@@ -94,19 +102,26 @@ def load_models(cfg: TrainerConfig) -> Models:
         reference = models.load_causal_lm(p.reference, tokenizer)
     else:
         reference = copy.deepcopy(actor)
-    rm = None
-    if p.reward_fn:
-        scorer: Scorer = rule_scorer(p.reward_fn)
-    else:
+    rm, rm_scorer = None, None
+    rm_set = bool(p.reward_model.path or p.reward_model.hub_id or p.reward_model.init_from_config)
+    if not p.reward_fn and (rm_set or not p.rewards.sources()):
         if not p.reward_model.path:
-            raise failure.ModelError("ppo.reward_model.path: PPO needs a saved reward model directory (or ppo.reward_fn)")
+            raise failure.ModelError("ppo.reward_model.path: PPO needs a saved reward model directory (or a reward "
+                                     "source in ppo.rewards, or ppo.reward_fn)")
         rm, rm_tokenizer, stats = models.load_reward_model(p.reward_model.path)
-        scorer = RewardModelScorer(rm, rm_tokenizer, stats, batch_size=max(p.minibatch_size, 1))
-    critic = _load_critic(cfg, tokenizer, rm, scorer)
-    return Models(tokenizer, actor, disable_dropout(reference), disable_dropout(critic), scorer)
+        rm_scorer = RewardModelScorer(rm, rm_tokenizer, stats, batch_size=max(p.minibatch_size, 1))
+    job = {"namespace": cfg.job.namespace, "name": cfg.job.name}
+    scorer = build_scorer(p, job, rm_scorer)
+    if p.advantage_estimator in ops.CRITIC_FREE_ESTIMATORS:
+        log(f"critic: none - advantage estimator {p.advantage_estimator} needs no value model "
+            "(not loaded, not trained)")
+        critic = None
+    else:
+        critic = disable_dropout(_load_critic(cfg, tokenizer, rm, rm_scorer))
+    return Models(tokenizer, actor, disable_dropout(reference), critic, scorer)
 
 
-def _load_critic(cfg: TrainerConfig, tokenizer, rm: nn.Module | None, scorer: Scorer) -> nn.Module:
+def _load_critic(cfg: TrainerConfig, tokenizer, rm: nn.Module | None, scorer: RewardModelScorer | None) -> nn.Module:
     """The critic reads the actor's tokens, so it needs the actor's vocabulary.
 
     Order: ``ppo.critic`` if set; else the reward model's backbone and value head when the reward
@@ -127,7 +142,7 @@ def _load_critic(cfg: TrainerConfig, tokenizer, rm: nn.Module | None, scorer: Sc
         return models.critic_from_reward_model(rm)
     if rm is not None and _same_vocab(scorer.tokenizer, tokenizer):
         return models.load_critic(p.reward_model.path, init_value_head="fresh")[0]
-    reason = "a rule scorer is used" if rm is None else "the reward model's tokenizer differs from the actor's"
+    reason = "no reward model is used" if rm is None else "the reward model's tokenizer differs from the actor's"
     log(f"critic: {reason}; initialising it from the actor's backbone with a fresh value head")
     return models.CriticModel(models.load_backbone(p.actor, tokenizer))
 
@@ -186,6 +201,10 @@ class PPOTrainer:
         self.kl_ctl = ops.make_kl_controller(self.p.kl_coef, self.p.kl_target, self.p.kl_horizon)
         self.ptx = ptx or []
         self.device = strategy.device
+        # backward + optimizer step of each trained model, counting steps skipped for NaN/Inf gradients
+        limit = nonfinite.consecutive_limit(cfg)
+        self.actor_guard = nonfinite.StepGuard(cfg.stage, "actor", limit)
+        self.critic_guard = nonfinite.StepGuard(cfg.stage, "critic", limit)
         self.stats_mean, self.stats_std = None, None
         if self.p.normalize_reward and m.scorer.stats:
             self.stats_mean, self.stats_std = float(m.scorer.stats["mean"]), float(m.scorer.stats["std"])
@@ -193,12 +212,14 @@ class PPOTrainer:
     # -- experience --
 
     @torch.no_grad()
-    def rollout(self, records: Sequence[Record], iteration: int, timings: dict[str, float]) -> tuple[Rollout, torch.Tensor]:
+    def rollout(self, records: Sequence[Record], iteration: int,
+                timings: dict[str, float]) -> tuple[Rollout, torch.Tensor]:
         p, tok, dev = self.p, self.tokenizer, self.device
         t0 = time.perf_counter()
         prompts = [encode_prompt(tok, r.prompt, p.max_prompt_length, r.messages) for r in records]
         query, query_mask = (x.to(dev) for x in left_pad(prompts, tok.pad_token_id))
-        gen = torch.Generator(device=dev).manual_seed(iteration_seed(self.cfg.training.seed, iteration, self.strategy.rank, 1))
+        seed = iteration_seed(self.cfg.training.seed, iteration, self.strategy.rank, 1)
+        gen = torch.Generator(device=dev).manual_seed(seed)
         actor = self.strategy.unwrap(self.actor)
         actor.eval()
         response, response_mask = sample_responses(
@@ -214,15 +235,19 @@ class PPOTrainer:
         logprobs, entropy = response_logprobs(actor, query, query_mask, response, response_mask, p.temperature,
                                               with_entropy=True)
         ref_logprobs, _ = response_logprobs(self.reference, query, query_mask, response, response_mask, p.temperature)
-        critic = self.strategy.unwrap(self.critic)
-        critic.eval()
-        values = response_values(critic, query, query_mask, response, response_mask)
+        values = None
+        if self.critic is not None:
+            critic = self.strategy.unwrap(self.critic)
+            critic.eval()
+            values = response_values(critic, query, query_mask, response, response_mask)
         ro = finish_rollout(
             query=query, query_mask=query_mask, response=response, response_mask=response_mask,
             logprobs=logprobs, ref_logprobs=ref_logprobs.float(), values=values, scores=scores,
             kl_coef=self.kl_ctl.value, kl_estimator=p.kl_estimator, reward_clip=p.reward_clip,
             score_mean=self.stats_mean, score_std=self.stats_std, gamma=p.gamma, lam=p.lam,
-            whiten_advantages=p.whiten_advantages,
+            whiten_advantages=p.whiten_advantages, estimator=p.advantage_estimator,
+            group_size=p.samples_per_prompt, grpo_normalize_std=p.grpo_normalize_std, kl_in_loss=p.kl_in_loss,
+            batch_total=self.strategy.all_reduce_sum,
         )
         timings["score"] = time.perf_counter() - t0
         return ro, ops.masked_mean(entropy, response_mask)
@@ -240,7 +265,8 @@ class PPOTrainer:
         p = self.p
         gen = torch.Generator().manual_seed(iteration_seed(self.cfg.training.seed, iteration, self.strategy.rank, 2))
         self.actor.train()
-        self.critic.train()
+        if self.critic is not None:
+            self.critic.train()
         sums: dict[str, float] = {}
         n = 0
         for _ in range(p.ppo_epochs):
@@ -252,25 +278,30 @@ class PPOTrainer:
                 actor_loss = pl.loss
                 if entropy is not None:
                     actor_loss = actor_loss - p.entropy_coef * ops.masked_mean(entropy, mask)
+                kl_term = None
+                if p.kl_in_loss:  # GRPO: the KL to the reference is a loss term, not a reward penalty
+                    kl_term = ops.kl_loss(logp, mb.ref_logprobs, mask)
+                    actor_loss = actor_loss + self.kl_ctl.value * kl_term
                 ptx = None
                 if p.ptx_coef > 0 and self.ptx:
                     ptx = self._ptx_loss(updates_before + n)
                     actor_loss = actor_loss + p.ptx_coef * ptx
                 failure.check_finite(float(actor_loss.detach()), "PPO policy loss", iteration)
-                self.actor.backward(actor_loss)
-                self.actor.step()
-
-                values = response_values(self.critic, mb.query, mb.query_mask, mb.response, mask)
-                vl = ops.value_loss(values, mb.values, mb.returns, mask, p.cliprange_value)
-                failure.check_finite(float(vl.loss.detach()), "PPO value loss", iteration)
-                self.critic.backward(p.vf_coef * vl.loss)
-                self.critic.step()
+                self.actor_guard.backward_step(self.actor, actor_loss, f"PPO iteration {iteration + 1}")
 
                 step_stats = {
-                    c.M_PPO_POLICY_LOSS: float(pl.loss.detach()), c.M_PPO_VALUE_LOSS: float(vl.loss.detach()),
+                    c.M_PPO_POLICY_LOSS: float(pl.loss.detach()),
                     c.M_PPO_CLIP_FRACTION: float(pl.clip_fraction), c.M_PPO_APPROX_KL: float(pl.approx_kl),
-                    "value_clip_fraction": float(vl.clip_fraction),
                 }
+                if kl_term is not None:
+                    step_stats[c.M_PPO_KL_LOSS] = float(kl_term.detach())
+                if self.critic is not None:
+                    values = response_values(self.critic, mb.query, mb.query_mask, mb.response, mask)
+                    vl = ops.value_loss(values, mb.values, mb.returns, mask, p.cliprange_value)
+                    failure.check_finite(float(vl.loss.detach()), "PPO value loss", iteration)
+                    self.critic_guard.backward_step(self.critic, p.vf_coef * vl.loss, f"PPO iteration {iteration + 1}")
+                    step_stats[c.M_PPO_VALUE_LOSS] = float(vl.loss.detach())
+                    step_stats["value_clip_fraction"] = float(vl.clip_fraction)
                 if ptx is not None:
                     step_stats["ptx_loss"] = float(ptx.detach())
                 for k, v in step_stats.items():
@@ -288,7 +319,8 @@ class PPOTrainer:
         score_sq = s.all_reduce_sum(float((ro.scores.double() ** 2).sum()))
         mean = score_sum / n
         std = math.sqrt(max(score_sq / n - mean**2, 0.0) * n / max(n - 1, 1))
-        return {
+        beta = 0.0 if self.p.kl_in_loss else self.kl_ctl.value
+        out = {
             c.M_PPO_REWARD_MEAN: mean,
             c.M_PPO_REWARD_STD: std,
             c.M_PPO_KL: s.all_reduce_mean(float((ro.kl * mask).sum(1).mean())),
@@ -296,9 +328,23 @@ class PPOTrainer:
             c.M_PPO_RESPONSE_LENGTH: s.all_reduce_mean(float(mask.sum(1).float().mean())),
             c.M_PPO_ADVANTAGES_MEAN: s.all_reduce_mean(float(ops.masked_mean(ro.advantages, mask))),
             c.M_PPO_RETURNS_MEAN: s.all_reduce_mean(float(ops.masked_mean(ro.returns, mask))),
-            c.M_PPO_VALUES_MEAN: s.all_reduce_mean(float(ops.masked_mean(ro.values, mask))),
-            "non_score_reward": s.all_reduce_mean(float((-self.kl_ctl.value * ro.kl * mask).sum(1).mean())),
+            c.M_PPO_CRITIC_ENABLED: float(self.critic is not None),
+            "non_score_reward": s.all_reduce_mean(float((-beta * ro.kl * mask).sum(1).mean())),
         }
+        if self.critic is not None:
+            out[c.M_PPO_VALUES_MEAN] = s.all_reduce_mean(float(ops.masked_mean(ro.values, mask)))
+        k = self.p.samples_per_prompt
+        if k > 1:  # how much signal the groups carry: a group of equal rewards has none for grpo/rloo
+            _, group_std = ops.masked_group_mean_std(ro.scores.double(), k)
+            out[c.M_PPO_REWARD_GROUP_STD] = s.all_reduce_mean(float(group_std[::k].mean()))
+            out[c.M_PPO_ZERO_VARIANCE_GROUPS] = s.all_reduce_mean(ops.zero_variance_group_fraction(ro.scores, k))
+        parts = getattr(self.scorer, "last", None) or {getattr(self.scorer, "source", "model"): ro.scores}
+        for name, x in parts.items():
+            out[f"{c.M_PPO_REWARD_SOURCE_MEAN}/{name}"] = s.all_reduce_mean(float(x.double().mean()))
+        for _, _, source in getattr(self.scorer, "sources", []):
+            if isinstance(source, EndpointScorer):  # retried requests so far: a flaky endpoint shows here
+                out["reward_endpoint_retries"] = s.all_reduce_sum(float(source.retries))
+        return out
 
 
 # --- checkpoints and export ----------------------------------------------------------------------
@@ -310,7 +356,8 @@ def save_checkpoint(ckpt: CheckpointManager, strategy: Strategy, trainer: PPOTra
 
     def write(tmp: Path) -> None:
         strategy.save(trainer.actor, tmp / "actor")
-        strategy.save(trainer.critic, tmp / "critic")
+        if trainer.critic is not None:
+            strategy.save(trainer.critic, tmp / "critic")
         if strategy.is_main:
             (tmp / STATE_FILE).write_text(json.dumps({**state, "kl_controller": trainer.kl_ctl.state_dict()}, indent=2))
 
@@ -338,7 +385,8 @@ def resume_state(cfg: TrainerConfig, strategy: Strategy, trainer: PPOTrainer, ck
             "prompts, rollout size, processes and seed (or set checkpoint.resume: false)"
         )
     strategy.load(trainer.actor, latest / "actor")
-    strategy.load(trainer.critic, latest / "critic")
+    if trainer.critic is not None:
+        strategy.load(trainer.critic, latest / "critic")
     saved = json.loads((latest / STATE_FILE).read_text())
     trainer.kl_ctl.load_state_dict(saved.pop("kl_controller"))
     log(f"resumed from {latest} at iteration {saved['iteration']}")
@@ -352,7 +400,7 @@ def resume_state(cfg: TrainerConfig, strategy: Strategy, trainer: PPOTrainer, ck
 def planned_iterations(cfg: TrainerConfig, n_prompts: int, world_size: int) -> int:
     if cfg.training.max_steps > 0:
         return cfg.training.max_steps
-    per_iteration = cfg.ppo.rollout_batch_size * world_size
+    per_iteration = cfg.ppo.rollout_batch_size // cfg.ppo.samples_per_prompt * world_size  # prompts
     return max(1, math.ceil(cfg.training.epochs * n_prompts / per_iteration))
 
 
@@ -387,14 +435,24 @@ def _run(cfg: TrainerConfig, strategy: Strategy, metrics: TrainerMetrics, stop: 
     updates_per_iteration = p.ppo_epochs * math.ceil(p.rollout_batch_size / p.minibatch_size)
     optimizer_steps = max(1, total * updates_per_iteration // cfg.training.gradient_accumulation_steps)
     actor_engine = strategy.prepare(m.actor, cfg.training.learning_rate, optimizer_steps)
-    critic_engine = strategy.prepare(m.critic, p.critic_learning_rate or cfg.training.learning_rate, optimizer_steps)
+    critic_engine = None
+    if m.critic is not None:
+        critic_lr = p.critic_learning_rate or cfg.training.learning_rate
+        critic_engine = strategy.prepare(m.critic, critic_lr, optimizer_steps)
     strategy.prepare_frozen(m.reference)
-    if isinstance(m.scorer, RewardModelScorer):
-        strategy.prepare_frozen(m.scorer.model)
+    for scorer in (m.scorer, *(source for _, _, source in getattr(m.scorer, "sources", []))):
+        if isinstance(scorer, RewardModelScorer):  # alone, or one of the weighted reward sources
+            strategy.prepare_frozen(scorer.model)
     trainer = PPOTrainer(cfg, strategy, m, actor_engine, critic_engine, ptx)
-    schedule = PromptSchedule(len(records), p.rollout_batch_size, strategy.world_size, cfg.training.seed)
+    trainer.actor_guard.attach(metrics)
+    if trainer.critic is not None:
+        trainer.critic_guard.attach(metrics)
+    schedule = PromptSchedule(len(records), p.rollout_batch_size // p.samples_per_prompt, strategy.world_size,
+                              cfg.training.seed)
     plan = {"prompts": len(records), "rollout_batch_size": p.rollout_batch_size,
             "world_size": strategy.world_size, "seed": cfg.training.seed}
+    if p.samples_per_prompt > 1 or p.advantage_estimator != "gae":  # (older checkpoints have neither key)
+        plan.update(samples_per_prompt=p.samples_per_prompt, advantage_estimator=p.advantage_estimator)
     metrics.set_total_steps(total)
 
     ckpt = CheckpointManager.from_config(cfg, dist=strategy)
@@ -407,8 +465,14 @@ def _run(cfg: TrainerConfig, strategy: Strategy, metrics: TrainerMetrics, stop: 
         if stop.should_stop(iteration, strategy):
             if last_saved != iteration and iteration > 0:
                 save_checkpoint(ckpt, strategy, trainer, iteration, state, plan, metrics)
-            raise failure.Preempted(f"stopped at iteration {iteration} of {total}; checkpoint saved, resume to continue")
-        values = run_iteration(trainer, records, schedule, iteration)
+            raise failure.Preempted(f"stopped at iteration {iteration} of {total}; checkpoint saved, "
+                                    "resume to continue")
+        try:
+            values = run_iteration(trainer, records, schedule, iteration)
+        except RewardEndpointError:  # nothing lost: the retried pod resumes at this iteration
+            if last_saved != iteration and iteration > 0:
+                save_checkpoint(ckpt, strategy, trainer, iteration, state, plan, metrics)
+            raise
         iteration += 1
         values[c.M_EPOCH] = schedule.position(iteration) / len(records)
         metrics.add_samples(int(values.pop("samples")))
@@ -430,13 +494,16 @@ def _run(cfg: TrainerConfig, strategy: Strategy, metrics: TrainerMetrics, stop: 
         "final_reward_mean": last.get(c.M_PPO_REWARD_MEAN),
         "final_kl": last.get(c.M_PPO_KL),
         "final_kl_coef": trainer.kl_ctl.value,
-        "scorer": p.reward_fn or p.reward_model.path,
+        "scorer": p.reward_fn or ", ".join(filter(None, [p.reward_model.path, *p.rewards.sources()])),
+        "advantage_estimator": p.advantage_estimator,
+        "critic": m.critic is not None,
         "prompts": len(records),
     }
     meta = build_metadata(cfg, iteration, last, summary)
     state_dict = strategy.full_state_dict(actor_engine)  # collective under ZeRO-3
-    final = export_final(cfg, lambda d: models.save_causal_lm(strategy.unwrap(actor_engine), m.tokenizer, d, state_dict),
-                         meta, strategy.is_main)
+    final = export_final(
+        cfg, lambda d: models.save_causal_lm(strategy.unwrap(actor_engine), m.tokenizer, d, state_dict),
+        meta, strategy.is_main)
     strategy.barrier()
     if strategy.is_main:
         log(f"done: {iteration} iterations; mean reward {summary['initial_reward_mean']} -> "
@@ -445,27 +512,31 @@ def _run(cfg: TrainerConfig, strategy: Strategy, metrics: TrainerMetrics, stop: 
             "resumed_from": start if resumed else -1}  # -1: started fresh
 
 
-def run_iteration(trainer: PPOTrainer, records: list[Record], schedule: PromptSchedule, iteration: int) -> dict[str, float]:
+def run_iteration(trainer: PPOTrainer, records: list[Record], schedule: PromptSchedule,
+                  iteration: int) -> dict[str, float]:
     """Generate, score and train on one rollout; returns the iteration's metrics (all processes)."""
     strategy, p = trainer.strategy, trainer.p
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    batch = [records[i] for i in schedule.indices(iteration, strategy.rank)]
+    batch = [records[i] for i in schedule.indices(iteration, strategy.rank) for _ in range(p.samples_per_prompt)]
     ro, entropy = trainer.rollout(batch, iteration, timings)
     values = trainer.rollout_stats(ro, entropy)
     t0 = time.perf_counter()
-    values.update(trainer.train(ro, iteration, iteration * p.ppo_epochs * math.ceil(p.rollout_batch_size / p.minibatch_size)))
+    optimizer_steps = iteration * p.ppo_epochs * math.ceil(p.rollout_batch_size / p.minibatch_size)
+    values.update(trainer.train(ro, iteration, optimizer_steps))
     timings["train"] = time.perf_counter() - t0
     trainer.kl_ctl.update(values[c.M_PPO_KL], len(ro) * strategy.world_size)
     generated = strategy.all_reduce_sum(float(ro.response_mask.sum()))
     grad_norm = trainer.actor.get_global_grad_norm()
     values.update({
         c.M_PPO_KL_COEF: trainer.kl_ctl.value,
-        c.M_LOSS: values[c.M_PPO_POLICY_LOSS] + p.vf_coef * values[c.M_PPO_VALUE_LOSS],
+        c.M_LOSS: values[c.M_PPO_POLICY_LOSS] + p.vf_coef * values.get(c.M_PPO_VALUE_LOSS, 0.0)
+        + (trainer.kl_ctl.value * values[c.M_PPO_KL_LOSS] if c.M_PPO_KL_LOSS in values else 0.0),
         c.M_LEARNING_RATE: trainer.actor.get_lr()[0],
         c.M_TOKENS_PER_SECOND: generated / max(time.perf_counter() - t_start, 1e-9),
         **({c.M_GRAD_NORM: float(grad_norm)} if grad_norm is not None else {}),
         **{f"{c.M_PPO_PHASE_SECONDS}/{k}": v for k, v in timings.items()},
+        c.M_SKIPPED_STEPS: float(trainer.actor_guard.skipped + trainer.critic_guard.skipped),
         "samples": float(len(ro) * strategy.world_size),
         "tokens": strategy.all_reduce_sum(float(ro.response_mask.sum() + ro.query_mask.sum())),
     })

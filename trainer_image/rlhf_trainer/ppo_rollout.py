@@ -14,7 +14,7 @@ hidden state at sequence position ``P - 1 + t`` (the state in which that token w
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -92,9 +92,20 @@ def sample_responses(
 
 
 def _joined(query, query_mask, response, response_mask):
+    """``cat(query, response)`` with each row's left padding moved to its end, and ``chosen_at`` (B, T): the
+    position of the state in which each response token was chosen.
+
+    Left padding gives query rows that see no key at all; fused attention kernels return 0 there but NaN
+    gradients, which reach every weight (on GPUs in bf16: every PPO step was skipped). Moved to the end, each
+    pad row still sees its prompt; real tokens keep their positions and what they attend to."""
     ids = torch.cat([query, response], dim=1)
     mask = torch.cat([query_mask.long(), response_mask.long()], dim=1)
-    return ids, mask, position_ids(mask)
+    pad = query.shape[1] - query_mask.long().sum(1)
+    width = ids.shape[1]
+    src = (torch.arange(width, device=ids.device) + pad[:, None]) % width
+    ids, mask = ids.gather(1, src), mask.gather(1, src)
+    chosen_at = (query.shape[1] - pad - 1).clamp(min=0)[:, None] + torch.arange(response.shape[1], device=ids.device)
+    return ids, mask, position_ids(mask), chosen_at
 
 
 def response_logprobs(
@@ -108,10 +119,9 @@ def response_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (B, T) of the response tokens under ``model`` at the sampling temperature, and
     optionally the per-token entropy of the same distributions."""
-    ids, mask, pos = _joined(query, query_mask, response, response_mask)
+    ids, mask, pos, at = _joined(query, query_mask, response, response_mask)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-    p, t = query.shape[1], response.shape[1]
-    logits = logits[:, p - 1 : p - 1 + t, :].float() / temperature
+    logits = logits.gather(1, at[..., None].expand(-1, -1, logits.shape[-1])).float() / temperature
     logp = ops.gather_logprobs(logits, response)
     entropy = ops.entropy_from_logits(logits) if with_entropy else None
     return logp, entropy
@@ -125,10 +135,9 @@ def response_values(
     response_mask: torch.Tensor,
 ) -> torch.Tensor:
     """Per-token values (B, T) of the states in which each response token was chosen."""
-    ids, mask, pos = _joined(query, query_mask, response, response_mask)
+    ids, mask, pos, at = _joined(query, query_mask, response, response_mask)
     values = critic(input_ids=ids, attention_mask=mask, position_ids=pos)
-    p, t = query.shape[1], response.shape[1]
-    return values[:, p - 1 : p - 1 + t].float()
+    return values.gather(1, at).float()
 
 
 @dataclass
@@ -169,7 +178,7 @@ def finish_rollout(
     response_mask: torch.Tensor,
     logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,
-    values: torch.Tensor,
+    values: torch.Tensor | None,
     scores: torch.Tensor,
     kl_coef: float,
     kl_estimator: str,
@@ -179,17 +188,51 @@ def finish_rollout(
     gamma: float,
     lam: float,
     whiten_advantages: bool,
+    estimator: str = "gae",
+    group_size: int = 1,
+    grpo_normalize_std: bool = True,
+    kl_in_loss: bool = False,
+    batch_total: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Rollout:
-    """Rewards (per-token KL penalty + clipped, normalised score at the last real token), GAE
-    advantages and returns over response tokens only, optionally whitened advantages."""
+    """Rewards and advantages of one rollout, per ``estimator``:
+
+    * ``gae``: per-token KL penalty + clipped, normalised score at the last real token; GAE with the
+      critic's ``values``; optionally whitened advantages;
+    * ``reinforce_plus_plus``: the same per-token rewards, summed to go and normalised over the whole
+      batch (``batch_total`` sums over processes);
+    * ``grpo`` / ``rloo``: the sequence reward (score minus ``kl_coef`` times the summed KL) compared
+      within each group of ``group_size`` consecutive samples of one prompt; every token of a response
+      gets its sequence's advantage.
+
+    With ``kl_in_loss`` no KL enters the reward (the actor's loss carries it instead). Critic-free
+    estimators take ``values=None``; the rollout then holds zeros there.
+    """
     mask = response_mask
     kl = ops.kl_penalty(logprobs, ref_logprobs, kl_estimator) * mask
     shaped = ops.normalize_scores(scores, score_mean, score_std)
-    rewards = ops.token_rewards(shaped, kl, mask, kl_coef, reward_clip)
-    values = values * mask
-    advantages, returns = ops.compute_gae(rewards, values, mask, gamma, lam)
-    if whiten_advantages and int(mask.sum()) > 1:
-        advantages = ops.masked_whiten(advantages, mask)
+    rewards = ops.token_rewards(shaped, kl, mask, 0.0 if kl_in_loss else kl_coef, reward_clip)
+    if estimator == "gae":
+        if values is None:
+            raise ValueError("finish_rollout: the gae estimator needs the critic's values")
+        values = values * mask
+        advantages, returns = ops.compute_gae(rewards, values, mask, gamma, lam)
+        if whiten_advantages and int(mask.sum()) > 1:
+            advantages = ops.masked_whiten(advantages, mask)
+    else:
+        values = torch.zeros_like(logprobs)
+        if estimator == "reinforce_plus_plus":
+            advantages, returns = ops.reinforce_pp_advantages(rewards, mask, gamma, batch_total)
+        elif estimator in ops.GROUP_ESTIMATORS:
+            sequence = rewards.sum(1)
+            if estimator == "grpo":
+                adv = ops.grpo_advantages(sequence, group_size, grpo_normalize_std)
+            else:
+                adv = ops.rloo_advantages(sequence, group_size)
+            m = mask.to(rewards.dtype)
+            advantages, returns = adv[:, None] * m, sequence[:, None] * m
+        else:
+            raise ValueError(f"finish_rollout: unknown advantage estimator {estimator!r}; use one of "
+                             f"{', '.join(ops.ADVANTAGE_ESTIMATORS)}")
     return Rollout(
         query=query,
         query_mask=query_mask,
