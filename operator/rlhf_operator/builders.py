@@ -15,7 +15,7 @@ from typing import Any
 from rlhf_trainer import config as tc
 from rlhf_trainer import contract
 
-from rlhf_operator import jobspec, names
+from rlhf_operator import jobspec, names, ppo_spec
 from rlhf_operator.crd_schema import API_VERSION, KINDS, camel
 from rlhf_operator.settings import Settings
 
@@ -69,7 +69,8 @@ def owner_reference(job: dict[str, Any]) -> dict[str, Any]:
 
 def _meta(job: dict[str, Any], name: str, owned: bool = True) -> dict[str, Any]:
     m = job["metadata"]
-    meta = {"name": name, "namespace": m["namespace"], "labels": {**labels(job["kind"], m["name"]), LABEL_JOB_UID: m["uid"]}}
+    meta = {"name": name, "namespace": m["namespace"],
+            "labels": {**labels(job["kind"], m["name"]), LABEL_JOB_UID: m["uid"]}}
     if owned:
         meta["ownerReferences"] = [owner_reference(job)]
     return meta
@@ -103,17 +104,17 @@ def _under(root: str, rel: str, where: str) -> str:
 
 
 def resolve_model(
-    kind: str, role: str, source: dict[str, Any], dep_claims: dict[tuple[str, str], str], where: str = "model"
+    kind: str, role: str, source: dict[str, Any], where: str = "model"
 ) -> tuple[dict[str, Any], list[Mount]]:
-    """A CRD model source -> (TrainerConfig ModelConfig dict, volumes it needs). `dep_claims` maps an
-    upstream (kind, name) to the claim its status says it wrote (status.output.claim)."""
+    """A CRD model source -> (TrainerConfig ModelConfig dict, volumes it needs). A fromJob mounts the
+    upstream job's claim, named by (kind, name) (names.pvc_name)."""
     model: dict[str, Any] = {}
     mounts: list[Mount] = []
     tokenizer = source.get("tokenizerPath", "")
     ref = source.get("fromJob")
     if isinstance(ref, dict) and ref.get("name"):
         job, up_kind = ref["name"], jobspec.from_job_kind(kind, role, ref)
-        mount = _job_mount(job, dep_claims.get((up_kind, job)) or names.pvc_name(up_kind, job), f"{where}.from_job.name")
+        mount = _job_mount(job, names.pvc_name(up_kind, job), f"{where}.from_job.name")
         mounts.append(mount)
         model["path"] = posixpath.join(mount.path, tc.FINAL_SUBDIR)
     elif source.get("claim"):
@@ -135,11 +136,13 @@ def resolve_model(
 
 def resolve_dataset(ds: dict[str, Any], where: str = "dataset") -> tuple[dict[str, Any], list[Mount]]:
     """A CRD dataset -> (TrainerConfig DatasetConfig dict, volumes it needs)."""
-    out = _snake_section(tc.DatasetConfig, {k: v for k, v in ds.items() if k not in ("path", "claim", "configMap", "hubId")})
+    options = {k: v for k, v in ds.items() if k not in ("path", "claim", "configMap", "hubId")}
+    out = _snake_section(tc.DatasetConfig, options)
     mounts: list[Mount] = []
     if ds.get("configMap"):
         cm = ds["configMap"]
-        mount = Mount({"configMap": {"name": cm["name"]}}, _under(CONFIGMAPS_MOUNT, cm["name"], f"{where}.config_map.name"))
+        mount = Mount({"configMap": {"name": cm["name"]}},
+                      _under(CONFIGMAPS_MOUNT, cm["name"], f"{where}.config_map.name"))
         mounts.append(mount)
         key = cm["key"]
         if "/" in key:  # a key is one file name
@@ -165,12 +168,9 @@ def _snake_section(cls: type, section: dict[str, Any]) -> dict[str, Any]:
 
 # --- the trainer config --------------------------------------------------------------------
 
-def trainer_config_dict(
-    job: dict[str, Any], settings: Settings, dep_claims: dict[tuple[str, str], str] | None = None
-) -> tuple[dict[str, Any], list[Mount]]:
+def trainer_config_dict(job: dict[str, Any], settings: Settings) -> tuple[dict[str, Any], list[Mount]]:
     """The TrainerConfig (as a plain dict) for a job and the input volumes it refers to."""
     kind, meta, spec = job["kind"], job["metadata"], job.get("spec") or {}
-    dep_claims = dep_claims or {}
     mounts: list[Mount] = []
     cfg: dict[str, Any] = {
         "stage": KINDS[kind].stage,
@@ -189,16 +189,20 @@ def trainer_config_dict(
     mounts += ms
     if kind == "PPOJob":
         ppo = _snake_section(tc.PPOConfig, spec.get("ppo"))
-        for role, key in (("actor", "actor"), ("rewardModel", "reward_model"), ("critic", "critic"), ("reference", "reference")):
+        roles = (("actor", "actor"), ("rewardModel", "reward_model"), ("critic", "critic"), ("reference", "reference"))
+        for role, key in roles:
             if isinstance(spec.get(role), dict):
-                ppo[key], ms = resolve_model(kind, role, spec[role], dep_claims, f"ppo.{key}")
+                ppo[key], ms = resolve_model(kind, role, spec[role], f"ppo.{key}")
                 mounts += ms
         if spec.get("ptxDataset"):
             ppo["ptx_dataset"], ms = resolve_dataset(spec["ptxDataset"], "ppo.ptx_dataset")
             mounts += ms
+        if isinstance(spec.get("reward"), dict):  # reward sources; an endpoint's token Secret becomes a file
+            ppo["rewards"], volumes = ppo_spec.render_reward(spec["reward"])
+            mounts += [Mount(volume, path) for volume, path in volumes]
         cfg["ppo"] = ppo
     else:
-        cfg["model"], ms = resolve_model(kind, "model", spec.get("model") or {}, dep_claims)
+        cfg["model"], ms = resolve_model(kind, "model", spec.get("model") or {})
         mounts += ms
         if kind == "SFTJob":
             cfg["sft"] = _snake_section(tc.SFTConfig, spec.get("sft"))
@@ -215,7 +219,7 @@ def trainer_config_dict(
 
 _FIELD_PATHS = {
     "ppo.actor": "spec.actor", "ppo.reward_model": "spec.rewardModel", "ppo.critic": "spec.critic",
-    "ppo.reference": "spec.reference", "ppo.ptx_dataset": "spec.ptxDataset",
+    "ppo.reference": "spec.reference", "ppo.ptx_dataset": "spec.ptxDataset", "ppo.rewards": "spec.reward",
 }
 
 
@@ -228,13 +232,12 @@ def spec_path(config_path: str) -> str:
     return "spec." + ".".join(camel(p) for p in config_path.split("."))
 
 
-def render_config(job: dict[str, Any], settings: Settings,
-                  dep_claims: dict[tuple[str, str], str] | None = None) -> tuple[tc.TrainerConfig, list[Mount]]:
+def render_config(job: dict[str, Any], settings: Settings) -> tuple[tc.TrainerConfig, list[Mount]]:
     """Parse and validate the rendered config with the trainer's own parser.
 
     Raises tc.ConfigError whose message names the CRD field (spec.*)."""
     try:
-        data, mounts = trainer_config_dict(job, settings, dep_claims)  # raises on a path that leaves its volume
+        data, mounts = trainer_config_dict(job, settings)  # raises on a path that leaves its volume
         return tc.from_dict(data), mounts
     except tc.ConfigError as e:
         text = str(e)

@@ -12,10 +12,12 @@ lifecycle knobs and the status) is declared here by hand.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from typing import Any, Literal
 
 from rlhf_trainer import config as tc
+from rlhf_trainer import contract
 
 GROUP = "rlhf.io"
 VERSION = "v1alpha1"
@@ -30,15 +32,17 @@ class Kind:
     singular: str
     short: str
     stage: str  # the trainer stage (rlhf_trainer.config.STAGES)
-    metric_column: tuple[str, str, str]  # (column name, status.progress key, description)
+
+    @property
+    def metric_column(self) -> tuple[str, str, str]:
+        """(column name, status.progress key, description) of the stage's column (contract.PROGRESS)."""
+        field = contract.printer_column(self.stage)
+        return field.column, field.key, field.column_help
 
 
-SFT = Kind("SFTJob", "sftjobs", "sftjob", "sft", "sft", ("Loss", "loss", "Latest training loss."))
-REWARD = Kind(
-    "RewardModelJob", "rewardmodeljobs", "rewardmodeljob", "rmj", "reward",
-    ("Accuracy", "accuracy", "Latest held-out pairwise accuracy."),
-)
-PPO = Kind("PPOJob", "ppojobs", "ppojob", "ppo", "ppo", ("Reward", "reward", "Latest mean reward of the rollouts."))
+SFT = Kind("SFTJob", "sftjobs", "sftjob", "sft", "sft")
+REWARD = Kind("RewardModelJob", "rewardmodeljobs", "rewardmodeljob", "rmj", "reward")
+PPO = Kind("PPOJob", "ppojobs", "ppojob", "ppo", "ppo")
 KINDS: dict[str, Kind] = {k.kind: k for k in (SFT, REWARD, PPO)}
 
 # Which kinds a `fromJob` may name, per role; the first is the default when `kind` is omitted.
@@ -59,7 +63,7 @@ MODEL_ROLES: dict[str, tuple[str, ...]] = {
 REQUIRED_ROLES: dict[str, tuple[str, ...]] = {
     "SFTJob": ("model",),
     "RewardModelJob": ("model",),
-    "PPOJob": ("actor", "rewardModel"),
+    "PPOJob": ("actor",),  # the reward may come from spec.reward instead of a reward model
 }
 
 PHASES = ("Pending", "Waiting", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
@@ -68,7 +72,8 @@ CONDITION_TYPES = (
     "SpecChangeRefused", "StatusRejected",
 )
 DEFAULT_BACKOFF_LIMIT = 3
-QUANTITY_PATTERN = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+QUANTITY_PATTERN = (r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+                    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
 
 
 def camel(name: str) -> str:
@@ -114,6 +119,7 @@ BOUNDS: dict[tuple[type, str], dict[str, Any]] = {
     (tc.TrainingConfig, "log_every"): {"minimum": 1, "maximum": MAX_STEPS},
     (tc.TrainingConfig, "eval_every"): {"minimum": 0, "maximum": MAX_STEPS},
     (tc.TrainingConfig, "threads"): {"minimum": 0, "maximum": 1024},
+    (tc.TrainingConfig, "max_skipped_steps"): {"minimum": 0, "maximum": MAX_STEPS},
     (tc.DatasetConfig, "eval_fraction"): {"minimum": 0, "maximum": 1, "exclusiveMaximum": True},
     (tc.DatasetConfig, "split_seed"): {"minimum": 0, "maximum": MAX_SEED},
     (tc.DatasetConfig, "max_samples"): {"minimum": 0, "maximum": MAX_SAMPLES},
@@ -142,12 +148,28 @@ BOUNDS: dict[tuple[type, str], dict[str, Any]] = {
     (tc.PPOConfig, "top_p"): {"minimum": 0, "exclusiveMinimum": True, "maximum": 1},
     (tc.PPOConfig, "ptx_coef"): {"minimum": 0, "maximum": MAX_COEF},
     (tc.PPOConfig, "critic_learning_rate"): {"minimum": 0, "maximum": 10},
+    (tc.PPOConfig, "samples_per_prompt"): {"minimum": 1, "maximum": 1024},
+    (tc.RewardSourcesConfig, "model_weight"): {"minimum": -MAX_COEF, "maximum": MAX_COEF},
+    (tc.RewardEndpointConfig, "url"): {"pattern": r"^https?://[^\s]+$", "maxLength": 2048},
+    (tc.RewardEndpointConfig, "weight"): {"minimum": -MAX_COEF, "maximum": MAX_COEF},
+    (tc.RewardEndpointConfig, "timeout_seconds"): {"minimum": 0, "exclusiveMinimum": True, "maximum": 3600},
+    (tc.RewardEndpointConfig, "max_retries"): {"minimum": 0, "maximum": 100},
+    (tc.RewardEndpointConfig, "backoff_seconds"): {"minimum": 0, "maximum": 3600},
+    (tc.RewardEndpointConfig, "max_backoff_seconds"): {"minimum": 0, "maximum": 3600},
+    (tc.RewardEndpointConfig, "max_in_flight"): {"minimum": 1, "maximum": 256},
+    (tc.RewardEndpointConfig, "batch_size"): {"minimum": 1, "maximum": MAX_BATCH},
+    (tc.MatchRuleConfig, "weight"): {"minimum": -MAX_COEF, "maximum": MAX_COEF},
+    (tc.LengthRuleConfig, "min_chars"): {"minimum": 0, "maximum": MAX_TOKENS},
+    (tc.LengthRuleConfig, "max_chars"): {"minimum": 0, "maximum": MAX_TOKENS},
+    (tc.LengthRuleConfig, "weight"): {"minimum": -MAX_COEF, "maximum": MAX_COEF},
+    (tc.FormatRuleConfig, "weight"): {"minimum": -MAX_COEF, "maximum": MAX_COEF},
 }
 
 # Trainer fields that the CRD sets some other way (model sources, dataset location, fixed paths).
 SKIPPED_FIELDS: dict[type, tuple[str, ...]] = {
     tc.DatasetConfig: ("path", "hub_id"),
-    tc.PPOConfig: ("actor", "reward_model", "critic", "reference", "ptx_dataset"),
+    tc.PPOConfig: ("actor", "reward_model", "critic", "reference", "ptx_dataset", "rewards"),
+    tc.RewardEndpointConfig: ("token_file",),  # set by the operator from tokenSecret
 }
 
 
@@ -179,6 +201,14 @@ def _free(description: str) -> dict[str, Any]:
     return {"type": "object", "description": description, "x-kubernetes-preserve-unknown-fields": True}
 
 
+def _rules(schema: dict[str, Any], *rules: tuple[str, str]) -> dict[str, Any]:
+    """Adds CEL rules (x-kubernetes-validations): the API server refuses a spec breaking one at apply time, with
+    the message, which names the field (as the operator's own check does, for servers without CEL)."""
+    schema["x-kubernetes-validations"] = [
+        {"messageExpression" if msg.startswith("'") else "message": msg, "rule": rule} for rule, msg in rules]
+    return schema
+
+
 def _quantity(description: str) -> dict[str, Any]:
     return {
         "description": description,
@@ -195,7 +225,7 @@ def _default_text(f: dataclasses.Field) -> str:
         value = f.default_factory()  # type: ignore[misc]
     else:
         return ""
-    if value in ("", {}, []):
+    if value in ("", {}, []) or value is None:
         return ""
     if isinstance(value, bool):
         value = str(value).lower()
@@ -207,6 +237,9 @@ def field_schema(cls: type, f: dataclasses.Field, tp: Any) -> dict[str, Any]:
     help_text = f.metadata.get("help", "")
     desc = help_text + _default_text(f)
     origin = typing.get_origin(tp)
+    if origin is types.UnionType and type(None) in typing.get_args(tp):  # `X | None`: optional, no default
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        origin = typing.get_origin(tp)
     if origin is Literal:
         schema = _str(desc, enum=list(typing.get_args(tp)))
     elif tp is bool:
@@ -253,7 +286,11 @@ def from_job_schema(kind: str, role: str) -> dict[str, Any]:
 
 
 def model_source_schema(kind: str, role: str, description: str) -> dict[str, Any]:
-    return _obj(
+    # A claim alone means its root directory (with initFromConfig: where the tokenizer is), as jobspec reads it.
+    path = "(has(self.path) || (has(self.claim) && !has(self.initFromConfig)))"
+    sources = f"({path} ? 1 : 0) + (has(self.hubId) ? 1 : 0) + (has(self.fromJob) ? 1 : 0) + " \
+              "(has(self.initFromConfig) ? 1 : 0)"
+    return _rules(_obj(
         description + " Set exactly one of path, hubId, fromJob or initFromConfig (claim goes with path).",
         {
             "path": _str(
@@ -275,10 +312,14 @@ def model_source_schema(kind: str, role: str, description: str) -> dict[str, Any
                 "instead of loading weights; the tokenizer comes from `tokenizerPath`."
             ),
         },
-    )
+    ), (f"{sources} >= 1", f"spec.{role}: set one of path (optionally with claim), hubId, fromJob or initFromConfig"),
+        (f"{sources} <= 1", f"spec.{role}: set only one of path (with or without claim), hubId, fromJob or "
+                            "initFromConfig"),
+        ("!has(self.initFromConfig) || has(self.tokenizerPath)",
+         f"spec.{role}.tokenizerPath: required with initFromConfig (a fresh model still needs a tokenizer)"))
 
 
-def dataset_schema(description: str) -> dict[str, Any]:
+def dataset_schema(description: str, where: str = "spec.dataset") -> dict[str, Any]:
     section = section_schema(tc.DatasetConfig, description)
     props = {
         "path": _str(
@@ -286,20 +327,53 @@ def dataset_schema(description: str) -> dict[str, Any]:
             "path inside the trainer container (not used with `configMap`: the key names the file). No '..' segments.",
             pattern=PATH_PATTERN,
         ),
-        "claim": _str("PersistentVolumeClaim (same namespace) holding the data; mounted read-only at /mnt/claims/<claim>.",
-                      maxLength=253, pattern=OBJECT_NAME_PATTERN),
+        "claim": _str("PersistentVolumeClaim (same namespace) holding the data; mounted read-only at "
+                      "/mnt/claims/<claim>.", maxLength=253, pattern=OBJECT_NAME_PATTERN),
         "configMap": _obj(
             "A ConfigMap holding a small dataset file; mounted read-only at /mnt/configmaps/<name>.",
             {
-                "name": _str("Name of the ConfigMap (same namespace).", minLength=1, maxLength=253, pattern=OBJECT_NAME_PATTERN),
-                "key": _str("Key of the file in the ConfigMap (letters, digits, '-', '_', '.'; no '/', not starting with '..').",
-                            minLength=1, maxLength=253, pattern=CONFIGMAP_KEY_PATTERN),
+                "name": _str("Name of the ConfigMap (same namespace).", minLength=1, maxLength=253,
+                             pattern=OBJECT_NAME_PATTERN),
+                "key": _str("Key of the file in the ConfigMap (letters, digits, '-', '_', '.'; no '/', not starting "
+                            "with '..').", minLength=1, maxLength=253, pattern=CONFIGMAP_KEY_PATTERN),
             },
             required=["name", "key"],
         ),
         "hubId": _str("Hugging Face dataset id (needs network access from the pod)."),
     }
     section["properties"] = {**props, **section["properties"]}
+    # With a configMap, path is not used (the key names the file).
+    path = "((has(self.path) || has(self.claim)) && !has(self.configMap))"
+    sources = f"({path} ? 1 : 0) + (has(self.configMap) ? 1 : 0) + (has(self.hubId) ? 1 : 0)"
+    return _rules(section,
+                  ("!has(self.claim) || !has(self.configMap)", f"{where}: claim and configMap cannot be combined"),
+                  (f"{sources} >= 1", f"{where}: set one of path (optionally with claim), configMap or hubId"),
+                  (f"{sources} <= 1", f"{where}: set only one of path (with or without claim), configMap or hubId"))
+
+
+def reward_sources_schema() -> dict[str, Any]:
+    section = section_schema(
+        tc.RewardSourcesConfig,
+        "Where the reward comes from besides spec.rewardModel: a remote endpoint and verifiable rules. The reward of a "
+        "response is the weighted sum of every source set (the reward model's score weighted by modelWeight).",
+    )
+    endpoint = section_schema(tc.RewardEndpointConfig, "A remote reward service (HTTP POST of JSON batches).")
+    endpoint["properties"]["tokenSecret"] = _obj(
+        "A key of a Secret (same namespace) holding a bearer token for the endpoint. The operator mounts that one key "
+        "read-only as a file in the trainer pod (never as an environment variable); the trainer sends it only to "
+        "`url`, as `Authorization: Bearer <token>`.",
+        {
+            "name": _str("Name of the Secret.", minLength=1, maxLength=253, pattern=OBJECT_NAME_PATTERN),
+            "key": _str("Key of the token in the Secret.", minLength=1, maxLength=253, pattern=CONFIGMAP_KEY_PATTERN),
+        },
+        required=["name", "key"],
+    )
+    section["properties"].update({
+        "endpoint": endpoint,
+        "match": section_schema(tc.MatchRuleConfig, "Verifiable rule: 1 when the response matches a dataset field."),
+        "length": section_schema(tc.LengthRuleConfig, "Verifiable rule: 1 when the response's length is in bounds."),
+        "format": section_schema(tc.FormatRuleConfig, "Verifiable rule: 1 when the response has the format."),
+    })
     return section
 
 
@@ -336,13 +410,44 @@ def scheduling_schema() -> dict[str, Any]:
             "tolerations": {"type": "array", "items": toleration, "description": "Taints the pod tolerates; only keys "
                             "the operator allows (RLHF_ALLOWED_TOLERATION_KEYS, default nvidia.com/gpu)."},
             "affinity": _free("Pod affinity rules (as in a Pod spec)."),
-            "priorityClassName": _str("PriorityClass of the pod; only ones the operator allows (RLHF_ALLOWED_PRIORITY_CLASSES)."),
+            "priorityClassName": _str("PriorityClass of the pod; only ones the operator allows "
+                                      "(RLHF_ALLOWED_PRIORITY_CLASSES)."),
         },
     )
 
 
 def deepspeed_schema() -> dict[str, Any]:
-    return section_schema(tc.DeepSpeedConfig, "DeepSpeed settings (ZeRO stage, offload, precision, extra config).")
+    stage = "(has(self.zeroStage) ? self.zeroStage : 0)"
+    return _rules(
+        section_schema(tc.DeepSpeedConfig, "DeepSpeed settings (ZeRO stage, offload, precision, extra config)."),
+        ("!(has(self.bf16) && self.bf16 && has(self.fp16) && self.fp16)",
+         "spec.deepspeed: bf16 and fp16 are both true; choose one"),
+        (f"!(has(self.offloadParams) && self.offloadParams) || {stage} == 3",
+         "spec.deepspeed.offloadParams: parameter offload needs zeroStage 3"),
+        (f"!(has(self.offloadOptimizer) && self.offloadOptimizer) || {stage} > 0",
+         "spec.deepspeed.offloadOptimizer: optimizer offload needs zeroStage 1, 2 or 3"),
+    )
+
+
+def ppo_schema() -> dict[str, Any]:
+    rollout = f"(has(self.rolloutBatchSize) ? self.rolloutBatchSize : {tc.PPOConfig().rollout_batch_size})"
+    samples = f"(has(self.samplesPerPrompt) ? self.samplesPerPrompt : {tc.PPOConfig().samples_per_prompt})"
+    return _rules(
+        section_schema(tc.PPOConfig, "PPO settings: advantage estimator (GAE with a critic, or critic-free GRPO, RLOO, "
+                       "REINFORCE++), KL penalty, clipping, rollout and group sizes, generation."),
+        # Static messages where a number would go in: string(int) in a messageExpression is estimated as an
+        # unbounded string, and the API server refuses the CRD for its cost.
+        (f"!has(self.minibatchSize) || self.minibatchSize <= {rollout}",
+         f"spec.ppo.minibatchSize: is larger than ppo.rolloutBatchSize (default {tc.PPOConfig().rollout_batch_size}); "
+         "make it smaller or equal"),
+        (f"!has(self.advantageEstimator) || !(self.advantageEstimator in {list(tc.GROUP_ESTIMATORS)}) || "
+         f"{samples} >= 2",
+         "'spec.ppo.samplesPerPrompt: advantageEstimator ' + self.advantageEstimator + ' compares the responses to one "
+         "prompt with each other and needs at least 2 per prompt; set samplesPerPrompt >= 2 (e.g. 4)'"),
+        (f"{rollout} % {samples} == 0",
+         f"spec.ppo.rolloutBatchSize: responses are not whole groups of spec.ppo.samplesPerPrompt (default "
+         f"{tc.PPOConfig().samples_per_prompt}); use a multiple of it"),
+    )
 
 
 def checkpoint_schema() -> dict[str, Any]:
@@ -353,9 +458,11 @@ def checkpoint_schema() -> dict[str, Any]:
     return _obj(
         "The job's checkpoint claim: checkpoints, resume state and the final model that later stages read.",
         {
-            "storageClass": _str("StorageClass of the claim. Default: the operator's setting, else the cluster default."),
+            "storageClass": _str("StorageClass of the claim. Default: the operator's setting, else the cluster "
+                                 "default."),
             "size": _quantity("Size of the claim. Default: the operator's setting (10Gi)."),
-            "accessMode": _str("Access mode of the claim.", enum=["ReadWriteOnce", "ReadWriteMany"], default="ReadWriteOnce"),
+            "accessMode": _str("Access mode of the claim.", enum=["ReadWriteOnce", "ReadWriteMany"],
+                               default="ReadWriteOnce"),
             "everySteps": every,
             "keepLast": keep,
             "retainPolicy": _str(
@@ -385,8 +492,8 @@ def env_schema() -> dict[str, Any]:
                 "name": _str("Variable name.", minLength=1),
                 "value": _str("Literal value."),
                 "valueFrom": _free(
-                    "Source of the value: configMapKeyRef, fieldRef, resourceFieldRef, or secretKeyRef when the operator "
-                    "allows reading Secrets (RLHF_ALLOW_SECRET_ENV)."
+                    "Source of the value: configMapKeyRef, fieldRef, resourceFieldRef, or secretKeyRef when the "
+                    "operator allows reading Secrets (RLHF_ALLOW_SECRET_ENV)."
                 ),
             },
             required=["name"],
@@ -430,14 +537,19 @@ def spec_schema(kind: str) -> dict[str, Any]:
     if kind == "PPOJob":
         props.update({
             "actor": model_source_schema(kind, "actor", "Policy to train, usually fromJob an SFTJob."),
-            "rewardModel": model_source_schema(kind, "rewardModel", "Frozen reward model, usually fromJob a RewardModelJob."),
-            "critic": model_source_schema(kind, "critic", "Critic initialisation. Default: the reward model."),
-            "reference": model_source_schema(kind, "reference", "Frozen reference policy for the KL penalty. Default: the actor."),
+            "rewardModel": model_source_schema(kind, "rewardModel", "Frozen reward model, usually fromJob a "
+                                               "RewardModelJob. Optional when spec.reward sets another source."),
+            "reward": reward_sources_schema(),
+            "critic": model_source_schema(kind, "critic", "Critic initialisation (advantageEstimator gae only). "
+                                          "Default: the reward model."),
+            "reference": model_source_schema(kind, "reference", "Frozen reference policy for the KL penalty. "
+                                             "Default: the actor."),
             "dataset": dataset_schema("Prompt dataset."),
-            "ptxDataset": dataset_schema("Text data for the pretraining (PTX) loss (used when ppo.ptxCoef > 0)."),
-            "ppo": section_schema(tc.PPOConfig, "PPO settings: KL penalty, clipping, GAE, rollout sizes, generation."),
+            "ptxDataset": dataset_schema("Text data for the pretraining (PTX) loss (used when ppo.ptxCoef > 0).",
+                                         "spec.ptxDataset"),
+            "ppo": ppo_schema(),
         })
-        required = ["actor", "rewardModel", "dataset"]
+        required = ["actor", "dataset"]  # the reward: spec.rewardModel and/or spec.reward (jobspec checks)
     else:
         props["model"] = model_source_schema(kind, "model", "Starting model.")
         props["dataset"] = dataset_schema("Training data." if kind == "SFTJob" else "Preference pairs.")
@@ -446,7 +558,12 @@ def spec_schema(kind: str) -> dict[str, Any]:
         else:
             props["reward"] = section_schema(tc.RewardConfig, "Reward-model settings.")
         required = ["model", "dataset"]
-    return _obj(f"Desired state of the {kind}.", dict(sorted(props.items())), required=required)
+    schema = _obj(f"Desired state of the {kind}.", dict(sorted(props.items())), required=required)
+    if kind == "PPOJob":  # jobspec also checks that spec.reward sets a source
+        _rules(schema, ("has(self.rewardModel) || has(self.reward) || (has(self.ppo) && has(self.ppo.rewardFn))",
+                        "spec.rewardModel: set a reward model, or a reward source in spec.reward (endpoint, match, "
+                        "length, format)"))
+    return schema
 
 
 def condition_schema() -> dict[str, Any]:
@@ -465,30 +582,24 @@ def condition_schema() -> dict[str, Any]:
 
 
 def status_schema(kind: str) -> dict[str, Any]:
-    progress = _obj(
-        "Live training progress scraped from the trainer's metrics endpoint (refreshed while running).",
-        {
-            "step": _int("Latest optimizer step."),
-            "totalSteps": _int("Planned optimizer steps."),
-            "percent": _num("step / totalSteps in percent."),
-            "summary": _str("step/totalSteps for printing."),
-            "loss": _num("Latest training loss."),
-            "accuracy": _num("Latest held-out pairwise accuracy (reward model)."),
-            "reward": _num("Latest mean reward (PPO)."),
-            "kl": _num("Latest KL to the reference policy (PPO)."),
-            "checkpointStep": _int("Step of the newest complete checkpoint."),
-            "resumedFromStep": _int("Checkpoint step the current trainer pod restored at its start, as the trainer "
-                                    "reports it; -1 when it started fresh (no checkpoint). Absent until reported."),
-            "updateTime": _str("When the trainer was last scraped.", format="date-time"),
-        },
-    )
+    # The trainer's values come from the progress contract (contract.PROGRESS); the operator adds the
+    # percent and summary of the step count (listed right after it) and the time of the last scrape.
+    values: dict[str, Any] = {}
+    for f in contract.PROGRESS:
+        values[f.key] = (_int if f.type is int else _num)(f.help)
+        if f.key == "totalSteps":
+            values.update(percent=_num("step / totalSteps in percent."), summary=_str("step/totalSteps for printing."))
+    values["updateTime"] = _str("When the trainer was last scraped.", format="date-time")
+    progress = _obj("Live training progress scraped from the trainer's metrics endpoint (refreshed while running).",
+                    values)
     dep = _obj(
         "An upstream job this job reads from.",
         {
             "role": _str("Which model of this job comes from it."),
             "kind": _str("Kind of the upstream job."),
             "name": _str("Name of the upstream job."),
-            "uid": _str("UID of the upstream job when it was first seen (a later different UID means it was replaced)."),
+            "uid": _str("UID of the upstream job when it was first seen (a later different UID means it was "
+                        "replaced)."),
             "phase": _str("Phase of the upstream job when last checked."),
         },
     )
@@ -541,10 +652,11 @@ def status_schema(kind: str) -> dict[str, Any]:
 
 def printer_columns(k: Kind) -> list[dict[str, Any]]:
     name, key, desc = k.metric_column
+    kind = "integer" if contract.printer_column(k.stage).type is int else "number"
     return [
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Phase of the job."},
         {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary", "description": "step/total."},
-        {"name": name, "type": "number", "jsonPath": f".status.progress.{key}", "description": desc},
+        {"name": name, "type": kind, "jsonPath": f".status.progress.{key}", "description": desc},
         {"name": "Restarts", "type": "integer", "jsonPath": ".status.restartCount", "priority": 1,
          "description": "Replaced trainer pods."},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
@@ -554,7 +666,8 @@ def printer_columns(k: Kind) -> list[dict[str, Any]]:
 KIND_DESCRIPTIONS = {
     "SFTJob": "Supervised fine-tuning of a causal language model.",
     "RewardModelJob": "Training of a pairwise (Bradley-Terry) reward model on preference data.",
-    "PPOJob": "RLHF with PPO: an actor trained against a frozen reward model with a KL penalty to a reference.",
+    "PPOJob": "RLHF with PPO (GAE and a critic) or a critic-free estimator (GRPO, RLOO, REINFORCE++): an actor trained "
+              "against a reward model, a reward endpoint and/or verifiable rules, with a KL penalty to a reference.",
 }
 
 

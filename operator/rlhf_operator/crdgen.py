@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         for out_dir in out_dirs:
             stale = stale_files(out_dir)
             if stale:
-                print(f"out of date in {out_dir}: {', '.join(stale)}; run `python -m rlhf_operator.crdgen`", file=sys.stderr)
+                print(f"out of date in {out_dir}: {', '.join(stale)}; run `python -m rlhf_operator.crdgen`",
+                      file=sys.stderr)
                 failed = True
         return 1 if failed else 0
     for out_dir in out_dirs:

@@ -6,17 +6,19 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from rlhf_operator import jobspec
-from rlhf_operator.status import DepState
+from rlhf_operator import jobspec, names
+from rlhf_operator.observed import DepState
 
 JobKey = tuple[str, str, str]  # (namespace, kind, name)
 Node = tuple[str, str]  # (kind, name) within one namespace
+Lookup = Callable[[str, str], dict[str, Any] | None]  # (kind, name) -> the job's summary, None if there is none
 
 
 def summarize(kind: str, body: dict[str, Any]) -> dict[str, Any]:
     """The few facts other jobs need about a job (stored in the index)."""
     meta, spec, status = body.get("metadata") or {}, body.get("spec") or {}, body.get("status") or {}
-    failed = next((c for c in status.get("conditions") or [] if c.get("type") == "Failed" and c.get("status") == "True"), None)
+    conds = status.get("conditions") or []
+    failed = next((c for c in conds if c.get("type") == "Failed" and c.get("status") == "True"), None)
     return {
         "kind": kind,
         "name": meta.get("name", ""),
@@ -25,7 +27,6 @@ def summarize(kind: str, body: dict[str, Any]) -> dict[str, Any]:
         "generation": meta.get("generation"),
         "phase": status.get("phase", ""),
         "message": (failed or {}).get("message", ""),
-        "claim": (status.get("output") or {}).get("claim") or (status.get("checkpoint") or {}).get("claim", ""),
         "completionTime": status.get("completionTime", ""),
         "ttl": spec.get("ttlSecondsAfterFinished"),
         "started": status.get("attempt") is not None,  # its upstream jobs no longer hold it back
@@ -33,8 +34,9 @@ def summarize(kind: str, body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def resolve(kind: str, spec: dict[str, Any], lookup: Callable[[str, str], dict[str, Any] | None]) -> list[DepState]:
-    """The upstream jobs of a spec as they are now; lookup(kind, name) returns a summary or None."""
+def resolve(kind: str, spec: dict[str, Any], lookup: Lookup) -> list[DepState]:
+    """The upstream jobs of a spec as they are now; lookup(kind, name) returns a summary or None. An upstream
+    job's claim is named by names.pvc_name, known once it started (its first pod creates the claim)."""
     out = []
     for ref in jobspec.dependencies(kind, spec):
         s = lookup(ref.kind, ref.name)
@@ -42,7 +44,8 @@ def resolve(kind: str, spec: dict[str, Any], lookup: Callable[[str, str], dict[s
             out.append(DepState(ref.roles, ref.kind, ref.name, exists=False))
         else:
             out.append(DepState(ref.roles, ref.kind, ref.name, exists=True, uid=s["uid"], phase=s["phase"],
-                                message=s["message"], claim=s["claim"], completion_time=s["completionTime"]))
+                                message=s["message"], claim=names.pvc_name(ref.kind, ref.name) if s["started"] else "",
+                                completion_time=s["completionTime"]))
     return out
 
 
@@ -55,7 +58,7 @@ def dependents(namespace: str, kind: str, name: str, jobs: Iterable[dict[str, An
     ]
 
 
-def wrong_kind_errors(kind: str, spec: dict[str, Any], lookup: Callable[[str, str], dict[str, Any] | None]) -> list[str]:
+def wrong_kind_errors(kind: str, spec: dict[str, Any], lookup: Lookup) -> list[str]:
     """A fromJob whose name exists only as a job of another kind (e.g. a reward model taken from an
     SFTJob). A name that does not exist at all is fine: the job waits for it."""
     errors = []
@@ -100,7 +103,7 @@ def _holds_back(summary: dict[str, Any]) -> bool:
     return summary.get("phase") != "Succeeded" and not summary.get("started")
 
 
-def cycle(kind: str, name: str, spec: dict[str, Any], lookup: Callable[[str, str], dict[str, Any] | None]) -> list[Node] | None:
+def cycle(kind: str, name: str, spec: dict[str, Any], lookup: Lookup) -> list[Node] | None:
     """The dependency cycle through this job (its own spec, the others from the index), or None."""
     own = [(ref.kind, ref.name) for ref in jobspec.dependencies(kind, spec)]
 
@@ -117,11 +120,12 @@ def describe_cycle(path: list[Node]) -> str:
     return " -> ".join(f"{k} {n}" for k, n in path)
 
 
-def cycle_message(path: list[Node], fix: str = "delete the jobs of the cycle and create them again without the loop") -> str:
+def cycle_message(path: list[Node],
+                  fix: str = "delete the jobs of the cycle and create them again without the loop") -> str:
     return f"dependency cycle {describe_cycle(path)}: each job waits for the next, so none can ever start; {fix}"
 
 
-def cycle_errors(kind: str, name: str, spec: dict[str, Any], lookup: Callable[[str, str], dict[str, Any] | None]) -> list[str]:
+def cycle_errors(kind: str, name: str, spec: dict[str, Any], lookup: Lookup) -> list[str]:
     """Admission: refuse the job that closes a cycle (a job naming itself is jobspec.validate's)."""
     path = cycle(kind, name, spec, lookup)
     if not path or path[1] == (kind, name):

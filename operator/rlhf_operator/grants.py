@@ -72,16 +72,18 @@ def _scheduling_errors(sched: dict[str, Any], settings: Settings) -> list[str]:
     pc = sched.get("priorityClassName")
     if pc and not _matches(pc, settings.allowed_priority_classes, ()):
         allowed = ", ".join(settings.allowed_priority_classes) or "none"
-        errors.append(f"spec.scheduling.priorityClassName: {pc!r} is not allowed (allowed: {allowed}); remove it ("
-                      + HOW_TO_OPEN.format(var="RLHF_ALLOWED_PRIORITY_CLASSES", value="trainer.allowedPriorityClasses") + ")")
+        how = HOW_TO_OPEN.format(var="RLHF_ALLOWED_PRIORITY_CLASSES", value="trainer.allowedPriorityClasses")
+        errors.append(f"spec.scheduling.priorityClassName: {pc!r} is not allowed (allowed: {allowed}); "
+                      f"remove it ({how})")
     for i, t in enumerate(sched.get("tolerations") or []):
         key = (t or {}).get("key") or ""
         if "*" in settings.allowed_toleration_keys or (key and key in settings.allowed_toleration_keys):
             continue
         what = f"taint key {key!r}" if key else "every taint (no key)"
         allowed = ", ".join(settings.allowed_toleration_keys) or "none"
-        errors.append(f"spec.scheduling.tolerations[{i}]: tolerating {what} is not allowed (allowed keys: {allowed}); remove it ("
-                      + HOW_TO_OPEN.format(var="RLHF_ALLOWED_TOLERATION_KEYS", value="trainer.allowedTolerationKeys") + ")")
+        how = HOW_TO_OPEN.format(var="RLHF_ALLOWED_TOLERATION_KEYS", value="trainer.allowedTolerationKeys")
+        errors.append(f"spec.scheduling.tolerations[{i}]: tolerating {what} is not allowed (allowed keys: {allowed}); "
+                      f"remove it ({how})")
     return errors
 
 
@@ -91,8 +93,9 @@ def errors(spec: dict[str, Any], settings: Settings) -> list[str]:
     image = spec.get("image")
     if image and not image_allowed(image, settings):
         allowed = ", ".join(dict.fromkeys((settings.trainer_image, *settings.allowed_trainer_images)))
-        out.append(f"spec.image: {image!r} is not an allowed trainer image (allowed: {allowed}); leave spec.image out to use "
-                   f"the default (" + HOW_TO_OPEN.format(var="RLHF_ALLOWED_TRAINER_IMAGES", value="trainer.allowedImages") + ")")
+        how = HOW_TO_OPEN.format(var="RLHF_ALLOWED_TRAINER_IMAGES", value="trainer.allowedImages")
+        out.append(f"spec.image: {image!r} is not an allowed trainer image (allowed: {allowed}); leave spec.image out "
+                   f"to use the default ({how})")
     out += _env_errors(spec.get("env") or [], settings)
     out += _scheduling_errors(spec.get("scheduling") or {}, settings)
     return out

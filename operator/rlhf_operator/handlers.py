@@ -1,7 +1,8 @@
 """kopf registrations: thin handlers that only route events to the reconciler.
 
 No change-detection handlers and no finalizers: every handler is an event or index handler, so
-kopf writes nothing to the jobs, and a job can be deleted even while the operator is down.
+kopf writes nothing to the jobs, and a job can be deleted even while the operator is down. What an
+event means (a pass, waking dependents, forgetting a job) is the reconciler's decision.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from typing import Any
 import kopf
 
 from rlhf_operator import builders, dependencies
-from rlhf_operator import status as status_mod
 from rlhf_operator.crd_schema import GROUP, KINDS, VERSION
+from rlhf_operator.observed import pod_view
 from rlhf_operator.policies import children as child_policy
 from rlhf_operator.reconciler import Reconciler
 
 log = logging.getLogger(__name__)
-POD_LABELS = {builders.LABEL_MANAGED_BY: builders.MANAGER, builders.LABEL_JOB: kopf.PRESENT, builders.LABEL_KIND: kopf.PRESENT}
+POD_LABELS = {builders.LABEL_MANAGED_BY: builders.MANAGER, builders.LABEL_JOB: kopf.PRESENT,
+              builders.LABEL_KIND: kopf.PRESENT}
 
 
 API_THREADS = 32
@@ -34,25 +36,21 @@ def register(registry: kopf.OperatorRegistry, reconciler: Reconciler) -> None:
 
     @kopf.index("pods", labels=POD_LABELS, id="trainer_pods_index", registry=registry)
     def trainer_pods_index(body: kopf.Body, namespace: str, labels: dict[str, str], **_: Any) -> dict:
-        return {(namespace, labels[builders.LABEL_KIND], labels[builders.LABEL_JOB]): status_mod.pod_view(dict(body))}
+        return {(namespace, labels[builders.LABEL_KIND], labels[builders.LABEL_JOB]): pod_view(dict(body))}
 
     @kopf.on.event("pods", labels=POD_LABELS, id="trainer_pod_event", registry=registry)
-    async def trainer_pod_event(namespace: str, labels: dict[str, str], **_: Any) -> None:
-        kind = labels[builders.LABEL_KIND]
-        if kind in KINDS:
-            await reconciler.trigger((namespace, kind, labels[builders.LABEL_JOB]))
+    async def trainer_pod_event(body: kopf.Body, **_: Any) -> None:
+        await reconciler.on_pod_event(body)
 
     # Checkpoint claims (same labels): a job and the jobs reading its output notice a claim going away.
     @kopf.index("persistentvolumeclaims", labels=POD_LABELS, id="checkpoint_claims_index", registry=registry)
     def checkpoint_claims_index(body: kopf.Body, namespace: str, labels: dict[str, str], **_: Any) -> dict:
-        return {(namespace, labels[builders.LABEL_KIND], labels[builders.LABEL_JOB]): child_policy.object_view(dict(body))}
+        key = (namespace, labels[builders.LABEL_KIND], labels[builders.LABEL_JOB])
+        return {key: child_policy.object_view(dict(body))}
 
     @kopf.on.event("persistentvolumeclaims", labels=POD_LABELS, id="checkpoint_claim_event", registry=registry)
-    async def checkpoint_claim_event(event: dict[str, Any], body: kopf.Body, namespace: str, labels: dict[str, str], **_: Any) -> None:
-        kind, job = labels[builders.LABEL_KIND], labels[builders.LABEL_JOB]
-        if kind in KINDS and (event.get("type") == "DELETED" or body.get("metadata", {}).get("deletionTimestamp")):
-            reconciler.trigger_dependents(namespace, kind, job)
-            await reconciler.trigger((namespace, kind, job))
+    async def checkpoint_claim_event(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
+        await reconciler.on_claim_event(event, body)
 
     @kopf.on.startup(registry=registry)
     async def startup(**kwargs: Any) -> None:
@@ -74,23 +72,8 @@ def _register_kind(registry: kopf.OperatorRegistry, reconciler: Reconciler, kind
     def job_index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict:
         return {(namespace, name): dependencies.summarize(kind, dict(body))}
 
-    async def job_event(event: dict[str, Any], body: kopf.Body, namespace: str, name: str, **_: Any) -> None:
-        meta, status = body.get("metadata", {}), body.get("status", {})
-        uid = meta.get("uid", "")
-        key = (namespace, kind, name)
-        if event.get("type") == "DELETED":
-            reconciler.forget(key, uid)
-            reconciler.seen_phases.pop(uid, None)
-            reconciler.trigger_dependents(namespace, kind, name)
-            return
-        phase = status.get("phase", "")
-        reconciler.phases.update(uid, kind, phase)
-        if reconciler.seen_phases.get(uid) != phase:
-            reconciler.seen_phases[uid] = phase
-            reconciler.trigger_dependents(namespace, kind, name)  # they wait for this job, or must fail
-        # Our own status writes come back as events too; only new specs and first sight need a pass.
-        if event.get("type") in (None, "ADDED") or status.get("observedGeneration") != meta.get("generation"):
-            await reconciler.trigger(key)
+    async def job_event(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
+        await reconciler.on_job_event(kind, event, body)
 
     kopf.index(GROUP, VERSION, plural, id=f"{plural}_index", registry=registry)(job_index)
     kopf.on.event(GROUP, VERSION, plural, id=f"{plural}_event", registry=registry)(job_event)

@@ -13,7 +13,7 @@ from typing import Any
 
 from rlhf_trainer import contract
 
-from rlhf_operator import grants
+from rlhf_operator import grants, ppo_spec
 from rlhf_operator.crd_schema import CONFIGMAP_KEY_PATTERN, FROM_JOB_KINDS, MODEL_ROLES, OBJECT_NAME_PATTERN
 from rlhf_operator.settings import Settings
 
@@ -77,7 +77,7 @@ def _model_errors(kind: str, role: str, source: dict[str, Any]) -> list[str]:
     where = f"spec.{role}"
     chosen = [k for k in ("path", "hubId", "fromJob", "initFromConfig") if source.get(k)]
     if source.get("claim") and "path" not in chosen and not source.get("initFromConfig"):
-        chosen.insert(0, "path")  # a claim alone means the claim's root directory (with initFromConfig: the tokenizer's)
+        chosen.insert(0, "path")  # a claim alone: the claim's root directory (with initFromConfig: the tokenizer's)
     errors = []
     if not chosen:
         errors.append(f"{where}: set one of path (optionally with claim), hubId, fromJob or initFromConfig")
@@ -88,7 +88,8 @@ def _model_errors(kind: str, role: str, source: dict[str, Any]) -> list[str]:
         allowed = FROM_JOB_KINDS[(kind, role)]
         ref_kind = from_job_kind(kind, role, ref)
         if ref_kind not in allowed:
-            errors.append(f"{where}.fromJob.kind: a {ref_kind} cannot be used as {role}; use one of {', '.join(allowed)}")
+            errors.append(f"{where}.fromJob.kind: a {ref_kind} cannot be used as {role}; "
+                          f"use one of {', '.join(allowed)}")
     if source.get("initFromConfig") and not source.get("tokenizerPath"):
         errors.append(f"{where}.tokenizerPath: required with initFromConfig (a fresh model still needs a tokenizer)")
     errors += _name_errors(f"{where}.claim", source.get("claim"), "PersistentVolumeClaim")
@@ -100,7 +101,8 @@ def _model_errors(kind: str, role: str, source: dict[str, Any]) -> list[str]:
 
 
 def _dataset_errors(where: str, ds: dict[str, Any]) -> list[str]:
-    errors = _name_errors(f"{where}.claim", ds.get("claim"), "PersistentVolumeClaim") + _path_errors(f"{where}.path", ds.get("path"))
+    errors = _name_errors(f"{where}.claim", ds.get("claim"), "PersistentVolumeClaim")
+    errors += _path_errors(f"{where}.path", ds.get("path"))
     cm = ds.get("configMap")
     if isinstance(cm, dict):
         errors += _name_errors(f"{where}.configMap.name", cm.get("name"), "ConfigMap")
@@ -130,7 +132,8 @@ def validate(kind: str, name: str, spec: dict[str, Any], max_gpus: int = 8) -> l
     """Errors of rules the schema cannot express, each naming the field and the fix."""
     errors: list[str] = []
     if len(name) > MAX_NAME_LENGTH:
-        errors.append(f"metadata.name: at most {MAX_NAME_LENGTH} characters (it is a label value on the job's pods), got {len(name)}")
+        errors.append(f"metadata.name: at most {MAX_NAME_LENGTH} characters (it is a label value on the job's pods), "
+                      f"got {len(name)}")
     for role, source in model_sources(kind, spec).items():
         errors += _model_errors(kind, role, source)
     seen: dict[str, DepRef] = {}
@@ -141,7 +144,8 @@ def validate(kind: str, name: str, spec: dict[str, Any], max_gpus: int = 8) -> l
         if other.kind != ref.kind:  # both would mount at /inputs/<name>
             errors.append(
                 f"spec.{ref.roles[0]}.fromJob: {ref.kind} {ref.name} and {other.kind} {other.name} "
-                f"(spec.{other.roles[0]}) share a name; inputs are mounted by job name, so use jobs with different names"
+                f"(spec.{other.roles[0]}) share a name; inputs are mounted by job name, so use jobs with different "
+                "names"
             )
     if isinstance(spec.get("dataset"), dict):
         errors += _dataset_errors("spec.dataset", spec["dataset"])
@@ -164,6 +168,8 @@ def validate(kind: str, name: str, spec: dict[str, Any], max_gpus: int = 8) -> l
             f"spec.ppo.minibatchSize: {ppo['minibatchSize']} is larger than ppo.rolloutBatchSize "
             f"({ppo.get('rolloutBatchSize', 16)}); make it smaller or equal"
         )
+    if kind == "PPOJob":
+        errors += ppo_spec.errors(spec)
     for i, var in enumerate(spec.get("env") or []):
         if var.get("name") in RESERVED_ENV:
             errors.append(f"spec.env[{i}].name: {var['name']} is set by the operator; remove it")
@@ -205,12 +211,14 @@ def update_errors(old_spec: dict[str, Any], new_spec: dict[str, Any], status: di
     changed = changed_fields(old_spec or {}, new_spec or {})
     if is_finished(status):
         bad = [f for f in changed if f not in MUTABLE_WHEN_FINISHED and f != "checkpoint.retainPolicy"]
-        return [f"spec.{f}: cannot change a finished job (only ttlSecondsAfterFinished and checkpoint.retainPolicy can)" for f in bad]
+        return [f"spec.{f}: cannot change a finished job (only ttlSecondsAfterFinished and checkpoint.retainPolicy "
+                "can)" for f in bad]
     errors = []
     claim_exists = bool((status or {}).get("checkpoint", {}).get("claim"))
     for f in changed:
         if claim_exists and f.startswith("checkpoint.") and f.split(".", 1)[1] not in CHECKPOINT_MUTABLE:
             errors.append(f"spec.{f}: the checkpoint claim exists already; its storage cannot change")
         elif is_running(status) and f not in MUTABLE_WHILE_RUNNING and f != "checkpoint.retainPolicy":
-            errors.append(f"spec.{f}: cannot change while the job is running; set spec.suspend: true first, then change it")
+            errors.append(f"spec.{f}: cannot change while the job is running; set spec.suspend: true first, "
+                          "then change it")
     return errors

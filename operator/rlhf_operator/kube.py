@@ -87,7 +87,8 @@ class Kube:
         return None if status == 404 else data
 
     async def patch_job_status(self, kind: str, namespace: str, name: str, status: dict[str, Any]) -> None:
-        await self.request("PATCH", job_path(kind, namespace, name, "status"), {"status": status}, MERGE_PATCH, ok=(404,))
+        path = job_path(kind, namespace, name, "status")
+        await self.request("PATCH", path, {"status": status}, MERGE_PATCH, ok=(404,))
 
     async def delete_job(self, kind: str, namespace: str, name: str, uid: str) -> None:
         body = {"propagationPolicy": "Background", "preconditions": {"uid": uid}}

@@ -38,7 +38,8 @@ NAMESPACED_RULES: list[dict[str, Any]] = [
      "why": "an Event on every condition transition"},
 ]
 CLUSTER_RULES: list[dict[str, Any]] = [
-    {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["get", "list", "watch"],
+    {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
+     "verbs": ["get", "list", "watch"],
      "why": "kopf discovers the served CRDs and notices when they are installed later"},
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"],
      "why": "kopf follows the watched namespaces (RLHF_WATCH_NAMESPACES) appearing and disappearing"},

@@ -14,7 +14,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -22,8 +22,11 @@ from rlhf_trainer.config import ConfigError
 
 from rlhf_operator import builders, dependencies, jobspec, metrics, names, progress
 from rlhf_operator import status as status_mod
+from rlhf_operator.conditions import Conditions, fmt_time
 from rlhf_operator.crd_schema import KINDS
 from rlhf_operator.kube import ApiError, Kube
+from rlhf_operator.observed import DepState, PodView, pod_view
+from rlhf_operator.patches import merge_patch, prune_empty
 from rlhf_operator.policies import children as child_policy
 from rlhf_operator.policies import running_spec, status_rejection
 from rlhf_operator.settings import Settings
@@ -86,13 +89,14 @@ class Reconciler:
             for key in list(index):
                 yield from list(index[key])
 
-    def pods_of(self, namespace: str, kind: str, name: str) -> list[status_mod.PodView]:
+    def pods_of(self, namespace: str, kind: str, name: str) -> list[PodView]:
         key = (namespace, kind, name)
         if self.pod_index is None or key not in self.pod_index:
             return []
         return list(self.pod_index[key])
 
-    async def claim_view(self, namespace: str, kind: str, job: str, claim: str, fresh: bool) -> child_policy.ObjectView | None:
+    async def claim_view(self, namespace: str, kind: str, job: str, claim: str,
+                         fresh: bool) -> child_policy.ObjectView | None:
         """A job's claim from the index; with `fresh`, a GET when the index does not show it (it may lag)."""
         key = (namespace, kind, job)
         indexed = self.claim_index[key] if self.claim_index is not None and key in self.claim_index else []
@@ -103,12 +107,13 @@ class Reconciler:
         obj = await self.kube.get("persistentvolumeclaims", namespace, claim)
         return child_policy.object_view(obj) if obj is not None else child_policy.missing(claim)
 
-    async def observe_claims(self, job: dict[str, Any], deps: list[status_mod.DepState], finished: bool) -> child_policy.Observed:
+    async def observe_claims(self, job: dict[str, Any], deps: list[DepState], finished: bool) -> child_policy.Observed:
         """The job's own claim and its inputs' claims. A GET backs the index only where the answer
         matters: a claim the job recorded (lost?), or one whose ownership is about to change."""
         meta, kind, old = job["metadata"], job["kind"], job.get("status") or {}
         cp = old.get("checkpoint") or {}
-        policy_change = cp.get("retainPolicy", "Retain") != ((job.get("spec") or {}).get("checkpoint") or {}).get("retainPolicy", "Retain")
+        wanted = ((job.get("spec") or {}).get("checkpoint") or {}).get("retainPolicy", "Retain")
+        policy_change = cp.get("retainPolicy", "Retain") != wanted
         claim = names.pvc_name(kind, meta["name"])
         view = await self.claim_view(meta["namespace"], kind, meta["name"], claim, False)
         if bool(cp.get("claim")) and (not finished or policy_change) and not child_policy.owns_claim(view, meta["uid"]):
@@ -166,6 +171,38 @@ class Reconciler:
             handle.cancel()
         if uid:
             self.phases.remove(uid)
+            self.seen_phases.pop(uid, None)
+
+    # --- watch events (handlers.py only routes them here) -----------------------------------------
+    async def on_job_event(self, kind: str, event: Mapping[str, Any], body: Mapping[str, Any]) -> None:
+        """A job's watch event. Its phase feeds the jobs gauge and wakes the jobs waiting for it; a pass
+        only for first sight and new specs (our own status writes come back as events too)."""
+        meta, status = body.get("metadata") or {}, body.get("status") or {}
+        namespace, name, uid = meta.get("namespace", ""), meta.get("name", ""), meta.get("uid", "")
+        key = (namespace, kind, name)
+        if event.get("type") == "DELETED":
+            self.forget(key, uid)
+            self.trigger_dependents(namespace, kind, name)
+            return
+        phase = status.get("phase", "")
+        self.phases.update(uid, kind, phase)
+        if self.seen_phases.get(uid) != phase:
+            self.seen_phases[uid] = phase
+            self.trigger_dependents(namespace, kind, name)  # they wait for this job, or must fail
+        if event.get("type") in (None, "ADDED") or status.get("observedGeneration") != meta.get("generation"):
+            await self.trigger(key)
+
+    async def on_pod_event(self, body: Mapping[str, Any]) -> None:
+        """Any change of a trainer pod: a pass of its job."""
+        if key := _child_job(body):
+            await self.trigger(key)
+
+    async def on_claim_event(self, event: Mapping[str, Any], body: Mapping[str, Any]) -> None:
+        """A checkpoint claim going away: a pass of its job and of the jobs reading it."""
+        key = _child_job(body)
+        if key and (event.get("type") == "DELETED" or (body.get("metadata") or {}).get("deletionTimestamp")):
+            self.trigger_dependents(*key)
+            await self.trigger(key)
 
     async def _resync_loop(self) -> None:
         while True:
@@ -190,7 +227,7 @@ class Reconciler:
         if running_spec.in_run(old):
             run_job = {**job, "spec": running_spec.effective_spec(old["runningSpec"], spec)}
         finished = old.get("phase") in ("Succeeded", "Failed")
-        deps: list[status_mod.DepState] = []
+        deps: list[DepState] = []
         invalid, cycle, config_yaml, mounts = None, None, "", []
         if not finished:
             deps = dependencies.resolve(kind, spec, self.lookup(namespace))
@@ -199,8 +236,7 @@ class Reconciler:
             errors = jobspec.check(kind, name, run_job["spec"], self.settings)
             if not errors:
                 try:
-                    claims = {(d.kind, d.name): d.claim for d in deps if d.claim}
-                    cfg, mounts = builders.render_config(run_job, self.settings, claims)
+                    cfg, mounts = builders.render_config(run_job, self.settings)
                     config_yaml = cfg.to_yaml()
                 except ConfigError as e:
                     errors = [str(e)]
@@ -211,7 +247,7 @@ class Reconciler:
         if current and not finished and current not in {p.name for p in pods}:
             obj = await self.kube.get("pods", namespace, current)  # the index may lag behind a fresh pod
             if obj is not None:
-                pods.append(status_mod.pod_view(obj))
+                pods.append(pod_view(obj))
 
         scraped = None
         if scrape and not finished and self.session is not None:
@@ -220,8 +256,8 @@ class Reconciler:
                 scraped = await progress.scrape(self.session, running.pod_ip, self.settings.trainer_metrics_port)
 
         observed = await self.observe_claims(job, deps, finished)
-        now = dt.datetime.now(dt.UTC)
-        p = status_mod.plan(job, pods, deps, now, invalid, scraped, cycle, observed, self.settings.restart_backoff_seconds)
+        now, backoff = dt.datetime.now(dt.UTC), self.settings.restart_backoff_seconds
+        p = status_mod.plan(job, pods, deps, now, invalid, scraped, cycle, observed, backoff)
         for pod in p.delete_pods:
             await self.kube.delete("pods", namespace, pod)
         if p.create_pod is not None:
@@ -230,7 +266,7 @@ class Reconciler:
                 return
             if isinstance(made, str):  # an object under a child's name that is not the job's: fail, touch nothing
                 observed = child_policy.Observed(observed.claim, observed.inputs, conflict=made)
-                p = status_mod.plan(job, pods, deps, now, invalid, scraped, cycle, observed, self.settings.restart_backoff_seconds)
+                p = status_mod.plan(job, pods, deps, now, invalid, scraped, cycle, observed, backoff)
                 for pod in p.delete_pods:
                     await self.kube.delete("pods", namespace, pod)
         if p.claim_owned is not None:
@@ -239,7 +275,7 @@ class Reconciler:
             await self.kube.patch("persistentvolumeclaims", namespace, claim, {"metadata": {"ownerReferences": owners}})
         new = p.status
         if new.get("progress") and new["progress"] != old.get("progress"):
-            new["progress"]["updateTime"] = status_mod.fmt_time(now)
+            new["progress"]["updateTime"] = fmt_time(now)
         await self._write_status(job, old, new, now)
         for type_, reason, message in p.events:
             self.spawn(self.kube.post_event(job, type_, reason, message))
@@ -252,13 +288,14 @@ class Reconciler:
         metrics.RECONCILES.labels(kind).inc()
         metrics.RECONCILE_SECONDS.labels(kind).observe(time.perf_counter() - started)
 
-    async def _write_status(self, job: dict[str, Any], old: dict[str, Any], new: dict[str, Any], now: dt.datetime) -> None:
+    async def _write_status(self, job: dict[str, Any], old: dict[str, Any], new: dict[str, Any],
+                            now: dt.datetime) -> None:
         """Merge-patch the planned status. A 422 (a value the schema refuses) must not lock the status: write it
         again without the refused fields, then (last resort) phase and conditions alone (policies.status_rejection)."""
         assert self.kube is not None
         kind, meta = job["kind"], job["metadata"]
-        namespace, name, stamp, gen = meta["namespace"], meta["name"], status_mod.fmt_time(now), meta.get("generation")
-        patch = status_mod.merge_patch(old, status_rejection.accepted(new, stamp, gen))
+        namespace, name, stamp, gen = meta["namespace"], meta["name"], fmt_time(now), meta.get("generation")
+        patch = merge_patch(old, status_rejection.accepted(new, stamp, gen))
         if not patch:
             return
         try:
@@ -273,14 +310,15 @@ class Reconciler:
         before = next((c for c in old.get("conditions") or [] if c.get("type") == status_rejection.CONDITION), {})
         if before.get("status") != "True" or before.get("message") != message:
             self.spawn(self.kube.post_event(job, "Warning", "StatusRejected", message))
-        patch = status_mod.merge_patch(old, trimmed)
+        patch = merge_patch(old, trimmed)
         try:
             if patch:
                 await self.kube.patch_job_status(kind, namespace, name, patch)
         except ApiError as e:
             if e.status != 422:
                 raise
-            log.error("%s %s/%s: status refused again (%s); writing phase and conditions only", kind, namespace, name, e)
+            log.error("%s %s/%s: status refused again (%s); writing phase and conditions only",
+                      kind, namespace, name, e)
             await self.kube.patch_job_status(kind, namespace, name, {"phase": trimmed.get("phase"),
                                                                      "conditions": trimmed.get("conditions")})
 
@@ -295,8 +333,8 @@ class Reconciler:
         attempt, restarts = p.create_pod
         pod = builders.build_pod(job, self.settings, attempt, restarts, builders.config_hash(config_yaml), mounts)
         cm = builders.build_configmap(job, config_yaml)
-        children = [("persistentvolumeclaims", "claim", builders.build_pvc(job, self.settings)), ("configmaps", "config map", cm),
-                    ("pods", "pod", pod)]
+        children = [("persistentvolumeclaims", "claim", builders.build_pvc(job, self.settings)),
+                    ("configmaps", "config map", cm), ("pods", "pod", pod)]
         created = False
         try:
             for resource, what, obj in children:
@@ -305,7 +343,8 @@ class Reconciler:
                 if created:
                     continue
                 view = child_policy.object_view(existing) if existing else child_policy.missing(obj["metadata"]["name"])
-                state, why = child_policy.ownership(view, what, kind, meta["name"], meta["uid"], by_label=resource == "persistentvolumeclaims")
+                by_label = resource == "persistentvolumeclaims"  # a retained claim has no owner reference
+                state, why = child_policy.ownership(view, what, kind, meta["name"], meta["uid"], by_label=by_label)
                 if not existing or (state == child_policy.OURS and view.deleting):
                     state, why = child_policy.WAIT, f"{what} {view.name} is being deleted; waiting for it to go"
                 if state == child_policy.CONFLICT:
@@ -329,9 +368,18 @@ class Reconciler:
         assert self.kube is not None
         kind, meta = job["kind"], job["metadata"]
         old = job.get("status") or {}
-        conds = status_mod.Conditions(old.get("conditions"), status_mod.fmt_time(now), meta.get("generation"))
+        conds = Conditions(old.get("conditions"), fmt_time(now), meta.get("generation"))
         conds.set("Created", False, reason, message[:500])
-        await self.kube.patch_job_status(kind, meta["namespace"], meta["name"], {"conditions": status_mod.prune_empty(conds.items)})
+        patch = {"conditions": prune_empty(conds.items)}
+        await self.kube.patch_job_status(kind, meta["namespace"], meta["name"], patch)
         self.spawn(self.kube.post_event(job, "Warning", reason, message))
         self.wake_at((meta["namespace"], kind, meta["name"]), time.time() + RETRY_SECONDS * 2)
         return False
+
+
+def _child_job(body: Mapping[str, Any]) -> JobKey | None:
+    """The job a labelled child (pod, claim) belongs to, by its rlhf.io/kind and rlhf.io/job labels."""
+    meta = body.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    kind, job = labels.get(builders.LABEL_KIND), labels.get(builders.LABEL_JOB)
+    return (meta.get("namespace", ""), kind, job) if kind in KINDS and job else None

@@ -164,8 +164,10 @@ def _security_contexts(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str
 def from_env(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     command = _json(env, "RLHF_TRAINER_COMMAND")
-    if command is not None and (not isinstance(command, list) or not command or not all(isinstance(c, str) for c in command)):
-        raise SettingsError(f'RLHF_TRAINER_COMMAND: expected a JSON list of strings like ["python", "-m", "rlhf_trainer"], got {command!r}')
+    strings = isinstance(command, list) and bool(command) and all(isinstance(c, str) for c in command)
+    if command is not None and not strings:
+        raise SettingsError('RLHF_TRAINER_COMMAND: expected a JSON list of strings like '
+                            f'["python", "-m", "rlhf_trainer"], got {command!r}')
     log_level = env.get("RLHF_LOG_LEVEL", "INFO").strip().upper() or "INFO"
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise SettingsError(f"RLHF_LOG_LEVEL={log_level!r}: expected DEBUG, INFO, WARNING or ERROR")
@@ -204,7 +206,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         trainer_command=tuple(command or ()),
         resync_seconds=_float(env, "RLHF_RESYNC_SECONDS", Settings.resync_seconds, 0.5, 30.0),
         max_gpus_per_pod=_int(env, "RLHF_MAX_GPUS_PER_POD", Settings.max_gpus_per_pod, 1, 64),
-        restart_backoff_seconds=_float(env, "RLHF_RESTART_BACKOFF_SECONDS", Settings.restart_backoff_seconds, 0.0, 3600.0),
+        restart_backoff_seconds=_float(env, "RLHF_RESTART_BACKOFF_SECONDS", Settings.restart_backoff_seconds,
+                                       0.0, 3600.0),
         allowed_trainer_images=_list(env, "RLHF_ALLOWED_TRAINER_IMAGES", (), _image_entry),
         allow_secret_env=_bool(env, "RLHF_ALLOW_SECRET_ENV", False),
         allowed_env=_list(env, "RLHF_ALLOWED_ENV", (), _env_entry),

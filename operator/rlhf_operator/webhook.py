@@ -43,8 +43,8 @@ def admission_errors(
         errors += jobspec.update_errors(old_spec, spec, old.get("status") or {})
     errors += jobspec.check(kind, meta.get("name", ""), spec, settings)
     if not errors:
-        job = {"kind": kind, "metadata": {"name": meta.get("name") or "x", "namespace": meta.get("namespace", ""), "uid": ""},
-               "spec": spec}
+        job_meta = {"name": meta.get("name") or "x", "namespace": meta.get("namespace", ""), "uid": ""}
+        job = {"kind": kind, "metadata": job_meta, "spec": spec}
         try:
             builders.render_config(job, settings)
         except ConfigError as e:
@@ -61,13 +61,15 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, lookup_in: Cal
         _register_kind(registry, settings, lookup_in, kind)
 
 
-def _register_kind(registry: kopf.OperatorRegistry, settings: Settings, lookup_in: Callable[[str], Callable], kind: str) -> None:
+def _register_kind(registry: kopf.OperatorRegistry, settings: Settings, lookup_in: Callable[[str], Callable],
+                   kind: str) -> None:
     plural = KINDS[kind].plural
 
     def validate(body: kopf.Body, old: kopf.Body | None, namespace: str | None, **_: Any) -> None:
         errors = admission_errors(kind, dict(body), dict(old) if old else None, settings, lookup_in(namespace or ""))
         if errors:
-            raise kopf.AdmissionError(f"{kind} {body.get('metadata', {}).get('name', '')}: " + "; ".join(errors), code=422)
+            name = body.get("metadata", {}).get("name", "")
+            raise kopf.AdmissionError(f"{kind} {name}: " + "; ".join(errors), code=422)
 
     kopf.on.validate(
         GROUP, VERSION, plural, id=f"validate-{plural}", operations=["CREATE", "UPDATE"],
@@ -92,7 +94,8 @@ def self_signed(hostnames: Collection[str], directory: str) -> tuple[str, str]:
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "365", "-keyout", key, "-out", cert,
          "-subj", f"/CN={common}", "-addext", "subjectAltName=" + ",".join(dict.fromkeys(sans)),
-         "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=digitalSignature,keyEncipherment,keyCertSign",
+         "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=digitalSignature,keyEncipherment,keyCertSign",
          "-addext", "extendedKeyUsage=serverAuth"],
         check=True, capture_output=True,
     )
@@ -138,7 +141,8 @@ def configure(kopf_settings: kopf.OperatorSettings, settings: Settings) -> None:
         server: kopf.WebhookServer = ServiceWebhookServer(
             service=name, namespace=namespace, addr=settings.webhook_listen or None, **common)
     else:
-        server = kopf.WebhookServer(addr=settings.webhook_listen or settings.webhook_host, host=settings.webhook_host, **common)
+        server = kopf.WebhookServer(addr=settings.webhook_listen or settings.webhook_host, host=settings.webhook_host,
+                                    **common)
     kopf_settings.admission.server = server
     kopf_settings.admission.managed = settings.webhook_config_name
 

@@ -28,6 +28,13 @@ def run_script(script: str, out: Path, *args: str, timeout: float = 600) -> dict
     return data
 
 
+def sides_of(data: dict) -> dict[str, dict]:
+    """The results of a comparison benchmark by side; both sides ran."""
+    sides = {r["side"]: r for r in data["results"]}
+    assert set(sides) == {"ours", "trl"}
+    return sides
+
+
 def positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
@@ -52,8 +59,7 @@ def test_benchlib_percentiles_and_request_classification():
 @pytest.mark.slow
 def test_reward_throughput_quick(tmp_path):
     data = run_script("reward_throughput.py", tmp_path / "rm.json")
-    sides = {r["side"]: r for r in data["results"]}
-    assert set(sides) == {"ours", "trl"}
+    sides = sides_of(data)
     for r in sides.values():
         assert positive(r["pairs_per_s"]) and positive(r["peak_rss_mib"]) and positive(r["timed_seconds"])
         assert r["pairs_per_s"] == pytest.approx(2 / r["step_s_median"])  # quick: batch size 2
@@ -66,8 +72,7 @@ def test_reward_throughput_quick(tmp_path):
 @pytest.mark.slow
 def test_ppo_iteration_quick(tmp_path):
     data = run_script("ppo_iteration.py", tmp_path / "ppo.json")
-    sides = {r["side"]: r for r in data["results"]}
-    assert set(sides) == {"ours", "trl"}
+    sides = sides_of(data)
     for r in sides.values():
         assert positive(r["iteration_s"]) and positive(r["peak_rss_mib"])
         assert all(positive(r["phases_s"][ph]) for ph in ("generate", "score", "train"))
@@ -77,6 +82,16 @@ def test_ppo_iteration_quick(tmp_path):
         assert math.isfinite(r["heldout_reward"]) and math.isfinite(r["heldout_reward_gain"])
     (ratio,) = data["ratios"]
     assert ratio["speed_ratio"] == pytest.approx(sides["trl"]["iteration_s"] / sides["ours"]["iteration_s"])
+
+
+def test_grpo_iteration_quick(tmp_path):
+    data = run_script("grpo_iteration.py", tmp_path / "grpo.json")
+    for side in ("ours", "trl", "ours_gae_with_critic"):
+        r = data[side]
+        assert positive(r["iteration_s"]) and positive(r["peak_rss_mib"]), side
+        assert 0.0 <= r["reward_first"] <= 1.0 and 0.0 <= r["reward_last"] <= 1.0, side
+    assert data["speed_ratio"] == pytest.approx(data["trl"]["iteration_s"] / data["ours"]["iteration_s"])
+    assert data["memory_ratio"] == pytest.approx(data["trl"]["peak_rss_mib"] / data["ours"]["peak_rss_mib"])
 
 
 @pytest.mark.slow

@@ -17,31 +17,14 @@ import pytest
 import yaml
 from chart_helpers import CHART_DIR, ROOT
 from rlhf_operator import names
+from support.polling import wait_for
+from support.ports import free_port
 
 STANDIN_TRAINER = ROOT / "tests" / "support" / "standin_trainer.py"
 # The Deployment's pod cannot run here (no image registry, no container runtime): keep it unscheduled, and
 # run the same program with the same settings as a local process instead.
 NOWHERE = {"operator": {"nodeSelector": {"rlhf.io/test-no-such-node": "true"}}}
 CRD_NAMES = ["sftjobs.rlhf.io", "rewardmodeljobs.rlhf.io", "ppojobs.rlhf.io"]
-
-
-def wait_for(what, fn, timeout=60.0, interval=0.3):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last value: {last!r}")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Release:

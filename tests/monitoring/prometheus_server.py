@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -14,14 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from support.ports import free_port
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PromQLError(AssertionError):
@@ -88,13 +82,3 @@ class Prometheus:
 
     def query_range(self, expr: str, start: float, end: float, step: float = 1) -> list[dict]:
         return self.api("query_range", query=expr, start=start, end=end, step=step)["result"]
-
-    def wait_for(self, what: str, check, timeout: float = 30, poll: float = 0.5):
-        deadline = time.monotonic() + timeout
-        while True:
-            result = check()
-            if result:
-                return result
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-            time.sleep(poll)

@@ -17,7 +17,7 @@ from monitoring_helpers import Monitoring, duration_minutes, render_monitoring
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 JOB = {"namespace": "team-a", "job": "rm-hh", "stage": "reward"}
 EXPECTED_ALERTS = {"RLHFJobFailed", "RLHFTrainingStalled", "RLHFLossNotFinite", "RLHFLossExploding",
-                   "RLHFKLDivergenceHigh", "RLHFOperatorDown"}
+                   "RLHFOptimizerStepsSkipped", "RLHFKLDivergenceHigh", "RLHFOperatorDown"}
 
 
 def _series(metric: str, labels: dict[str, str]) -> str:
@@ -78,6 +78,9 @@ def alert_cases(mon: Monitoring) -> list[dict]:
     down_for = duration_minutes(a["operatorDown"]["for"])
     failed = _series("rlhf_operator_jobs", {**op, "kind": "PPOJob", "phase": "Failed"})
     running = _series("rlhf_operator_jobs", {**op, "kind": "PPOJob", "phase": "Running"})
+    actor = {**JOB, "stage": "ppo", "model": "actor"}
+    skipped = _series("rlhf_trainer_skipped_steps_total", actor)
+    skip_window = duration_minutes(a["stepsSkipped"]["window"])
     return [
         # Training stalled.
         _case(mon, "flat step fires", "RLHFTrainingStalled", {step: f"5x{n}", total: f"100x{n}"}, at, [JOB]),
@@ -101,6 +104,12 @@ def alert_cases(mon: Monitoring) -> list[dict]:
         _case(mon, "falling loss is quiet", "RLHFLossExploding", {loss: f"10-0.05x{ex_window + 20}"}, ex_window + 10),
         _case(mon, "relative jump of a near-zero loss is quiet", "RLHFLossExploding",
               {loss: f"{ex_floor / 100}x{ex_window} {ex_floor / 2}x{ex_for + 10}"}, ex_window + ex_for + 3),
+        # Optimizer steps skipped (non-finite gradients).
+        _case(mon, "a skipped step fires", "RLHFOptimizerStepsSkipped", {skipped: "0x5 1 2 2x10"}, 8, [actor]),
+        _case(mon, "no skipped step is quiet", "RLHFOptimizerStepsSkipped", {skipped: f"0x{skip_window + 10}"},
+              skip_window + 5),
+        _case(mon, "skips older than the window are quiet", "RLHFOptimizerStepsSkipped",
+              {skipped: f"0 1 1x{2 * skip_window + 10}"}, 2 * skip_window + 5),
         # KL above the bound.
         _case(mon, "KL above the bound fires", "RLHFKLDivergenceHigh",
               {kl: f"{kl_bound / 2}x10 {kl_bound * 2}x{kl_for + 10}"}, 10 + kl_for + 2, [{**JOB, "stage": "ppo"}],
@@ -174,7 +183,8 @@ def test_disabled_alerts_are_left_out():
 
 
 def test_a_group_without_enabled_alerts_is_left_out(tmp_path):
-    off = {name: {"enabled": False} for name in ("trainingStalled", "lossNotFinite", "lossExploding", "klHigh")}
+    off = {name: {"enabled": False}
+           for name in ("trainingStalled", "lossNotFinite", "lossExploding", "stepsSkipped", "klHigh")}
     mon = render_monitoring({"prometheusRule": {"alerts": off}})
     assert [g["name"] for g in mon.groups] == ["rlhf-operator"]
     mon.write_rules(tmp_path / "rules.yaml")

@@ -18,8 +18,10 @@ import pytest
 import tiny_runs
 import yaml
 from monitoring_helpers import ROOT, Monitoring, render_monitoring
-from prometheus_server import Prometheus, PromQLError, free_port
+from prometheus_server import Prometheus, PromQLError
 from rlhf_operator import names
+from support.polling import wait_for
+from support.ports import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -98,17 +100,6 @@ def _standin_jobs() -> list[dict]:
     ]
 
 
-def _wait(what: str, check, timeout: float, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
 @pytest.fixture(scope="module")
 def scraped(cluster, k8s, tmp_path_factory):
     from kubernetes import client
@@ -139,7 +130,7 @@ def scraped(cluster, k8s, tmp_path_factory):
                 env={**os.environ, "RLHF_TERMINATION_LOG": str(work / f"{stage}.termination")},
                 stdout=open(work / f"{stage}.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
             procs.append(trainers[stage])
-        _wait("the operator's metrics", lambda: prom.query("rlhf_operator_up == 1"), 60)
+        wait_for("the operator's metrics", lambda: prom.query("rlhf_operator_up == 1"), 60, 0.5)
         plurals = {"SFTJob": "sftjobs", "RewardModelJob": "rewardmodeljobs", "PPOJob": "ppojobs"}
         for kind, name, spec in _standin_jobs():
             jobs.create_namespaced_custom_object("rlhf.io", "v1alpha1", namespace, plurals[kind], {
@@ -155,7 +146,7 @@ def scraped(cluster, k8s, tmp_path_factory):
             phases = [(jobs.get_namespaced_custom_object("rlhf.io", "v1alpha1", namespace, plurals[k], n)
                        .get("status") or {}).get("phase") for k, n, _ in _standin_jobs()]
             return all(p in ("Succeeded", "Failed") for p in phases) and phases
-        _wait("the operator's jobs to finish", jobs_done, 120)
+        wait_for("the operator's jobs to finish", jobs_done, 120, 0.5)
         time.sleep(4)  # the last scrapes and rule evaluations
         yield Scraped(prom, mon, start, time.time(), namespace)
     finally:

@@ -77,7 +77,8 @@ def write_configs(root: Path, jobs: dict[str, tuple[str, str]], ports: dict[str,
             "training": {"max_steps": 24, "learning_rate": 1e-3, "seed": 1, "threads": 1, "batch_size": 8},
             "ppo": {"actor": {"path": str(root / "actor")}, "reward_fn": "count:good", "kl_coef": 0.1,
                     "rollout_batch_size": 16, "minibatch_size": 8, "ppo_epochs": 2, "max_new_tokens": 8,
-                    "max_prompt_length": 16, "reward_clip": 0.0},
+                    "max_prompt_length": 16, "reward_clip": 0.0,
+                    "samples_per_prompt": 2},  # groups of 2: the dashboard's reward-group panel has data
         },
     }
     paths = {}

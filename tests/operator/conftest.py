@@ -11,42 +11,19 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 from op_helpers import REPO, STANDIN, free_port, wait_for
+from rlhf_operator.crd_schema import GROUP, KINDS, VERSION
+from support.kube import or_none
 
-GROUP, VERSION = "rlhf.io", "v1alpha1"
-PLURALS = {"SFTJob": "sftjobs", "RewardModelJob": "rewardmodeljobs", "PPOJob": "ppojobs"}
+PLURALS = {kind: k.plural for kind, k in KINDS.items()}
 
 
 @pytest.fixture(scope="session")
 def crds(k8s):
-    """Install (or update) the project's CRDs and wait until they are Established."""
-    from kubernetes import client
-    from kubernetes.client.rest import ApiException
+    """Install (or update) the project's CRDs and wait until they are Established (as the main job does)."""
+    from rlhf_pipeline.kube import apply_crds
 
-    ext = client.ApiextensionsV1Api(k8s)
-    names = []
-    for path in sorted((REPO / "crds").glob("*.yaml")):
-        obj = yaml.safe_load(path.read_text())
-        names.append(obj["metadata"]["name"])
-        try:
-            ext.create_custom_resource_definition(obj)
-        except ApiException as e:
-            if e.status != 409:
-                raise
-            current = ext.read_custom_resource_definition(obj["metadata"]["name"])
-            obj["metadata"]["resourceVersion"] = current.metadata.resource_version
-            ext.replace_custom_resource_definition(obj["metadata"]["name"], obj)
-
-    def established():
-        for name in names:
-            conds = ext.read_custom_resource_definition(name).status.conditions or []
-            if not any(c.type == "Established" and c.status == "True" for c in conds):
-                return False
-        return True
-
-    wait_for("CRDs Established", established, 30)
-    return names
+    return apply_crds(k8s, REPO / "crds", timeout=30)
 
 
 class Operator:
@@ -147,14 +124,7 @@ class Jobs:
         return self.api.create_namespaced_custom_object(GROUP, VERSION, self.ns, PLURALS[kind], body)
 
     def get(self, kind: str, name: str) -> dict | None:
-        from kubernetes.client.rest import ApiException
-
-        try:
-            return self.api.get_namespaced_custom_object(GROUP, VERSION, self.ns, PLURALS[kind], name)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
+        return or_none(self.api.get_namespaced_custom_object, GROUP, VERSION, self.ns, PLURALS[kind], name)
 
     def patch(self, kind: str, name: str, patch: dict) -> dict:
         return self.api.patch_namespaced_custom_object(GROUP, VERSION, self.ns, PLURALS[kind], name, patch)

@@ -1,53 +1,59 @@
-"""Helpers of the operator tests: builders of job and pod objects for the pure unit tests, and polling,
-ports, metrics and process lookup for the cluster tests. (A helper module, not conftest: with several
-test directories in one run, `from conftest import` would find another directory's conftest.)"""
+"""Helpers of the operator tests: builders of job and pod objects for the pure unit tests, and the stand-in
+trainer's process, metrics and webhook refusals for the cluster tests (polling and ports come from
+tests/support). A helper module, not conftest: with several test directories in one run, `from conftest
+import` would find another directory's conftest."""
 
 from __future__ import annotations
 
 import copy
-import socket
-import time
 from pathlib import Path
 from typing import Any
 
 from rlhf_operator import builders
+from support.kube import or_none
+from support.polling import wait_for
+from support.ports import free_port  # noqa: F401 (the operator tests' import)
+from support.processes import pod_process
 
 REPO = Path(__file__).resolve().parents[2]
 STANDIN = REPO / "tests" / "support" / "standin_trainer.py"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(what: str, fn, timeout: float = 60.0, interval: float = 0.2):
-    """Poll fn() until it returns something truthy; fail naming `what` and the last value."""
-    deadline = time.time() + timeout
-    last = None
-    while time.time() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last value: {last!r}")
-
-
 def trainer_pid(jobs: Any, pod: str) -> int:  # jobs: conftest.Jobs
-    """PID of a pod's trainer process on this machine (the local node agent runs it)."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+    """PID of a pod's stand-in trainer process on this machine (the local node agent runs it)."""
+    pid = pod_process(jobs.ns, pod, STANDIN.name)
+    if pid is None:
+        raise AssertionError(f"no trainer process of pod {pod} found")
+    return pid
+
+
+def webhooks(read: Any, name: str) -> list:
+    """The webhooks of a webhook configuration (read: the API's read method); [] until kopf has created it."""
+    found = or_none(read, name)
+    return (found.webhooks or []) if found else []
+
+
+def delete_webhook_configurations(adm: Any, name: str) -> None:
+    """Remove the validating and mutating webhook configurations a test's operator made (if any)."""
+    for delete in (adm.delete_validating_webhook_configuration, adm.delete_mutating_webhook_configuration):
+        or_none(delete, name)
+
+
+def webhook_rejection(jobs: Any, kind: str, name: str, spec: dict[str, Any], timeout: float = 20) -> Any:
+    """The ApiException of creating a job that the admission webhook refuses. Until the webhook serves, a
+    job may be admitted: it is deleted and the create tried again."""
+    from kubernetes.client.rest import ApiException
+
+    def attempt():
         try:
-            environ = (proc / "environ").read_bytes().split(b"\0")
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if f"POD_NAME={pod}".encode() in environ and f"RLHF_JOB_NAMESPACE={jobs.ns}".encode() in environ \
-                and STANDIN.name.encode() in cmdline:
-            return int(proc.name)
-    raise AssertionError(f"no trainer process of pod {pod} found")
+            jobs.create(kind, name, spec)
+        except ApiException as e:
+            return e
+        jobs.delete(kind, name)  # the webhook was not serving yet
+        return None
+    err = wait_for(f"{name} rejected", attempt, timeout, 0.5)
+    assert err.status in (400, 422) and "admission webhook" in err.body, err.body
+    return err
 
 
 def metric_value(text: str, name: str, **labels: str) -> float | None:

@@ -185,13 +185,14 @@ def test_empty_strings_in_the_spec_mean_unset():
     assert not [v for v in pod["spec"]["volumes"] if v["name"].startswith("input-")]
 
 
-def test_upstream_claims_come_from_the_upstream_status_by_kind_and_name():
-    """A consumer mounts the claim its upstream recorded (status.output.claim), keyed by (kind, name)."""
+def test_upstream_claims_are_named_by_the_upstream_kind_and_name():
+    """A consumer mounts its upstream's claim by the one naming rule (names.pvc_name of its kind and name),
+    not by a name read back from the upstream's status."""
     j = job("PPOJob", "p", spec={"actor": {"fromJob": {"name": "x"}}, "rewardModel": {"fromJob": {"name": "y"}},
                                  "dataset": {"path": "/d"}})
-    recorded = {("SFTJob", "x"): "kept-sft", ("RewardModelJob", "y"): "kept-rm", ("SFTJob", "y"): "not-this-one"}
-    _, mounts = builders.render_config(j, S, recorded)
-    assert {m.path: m.volume["persistentVolumeClaim"]["claimName"] for m in mounts} == {"/inputs/x": "kept-sft", "/inputs/y": "kept-rm"}
+    _, mounts = builders.render_config(j, S)
+    assert {m.path: m.volume["persistentVolumeClaim"]["claimName"] for m in mounts} == \
+        {"/inputs/x": "x-sft-checkpoints", "/inputs/y": "y-rm-checkpoints"}
 
 
 @pytest.mark.parametrize("name", ["dup", "a" * 63, "a.b", "x" * 40 + "-" + "y" * 22])

@@ -65,19 +65,19 @@ def test_update_rules():
     assert "finished job" in jobspec.update_errors(BASE, {**BASE, "suspend": True}, done)[0]
 
 
-def summary(kind, name, phase="Running", ns="ns", deps=()):
+def summary(kind, name, phase="Running", ns="ns", deps=(), started=False):
     return {"kind": kind, "name": name, "namespace": ns, "uid": f"u-{name}", "phase": phase, "message": "",
-            "claim": f"{name}-checkpoints", "completionTime": "", "ttl": None, "deps": list(deps), "generation": 1}
+            "started": started, "completionTime": "", "ttl": None, "deps": list(deps), "generation": 1}
 
 
 def test_resolve_dependents_and_wrong_kind():
-    jobs = [summary("SFTJob", "s", "Succeeded"), summary("PPOJob", "p", "Waiting", deps=[("SFTJob", "s")]),
+    jobs = [summary("SFTJob", "s", "Succeeded", started=True), summary("PPOJob", "p", "Waiting", deps=[("SFTJob", "s")]),
             summary("PPOJob", "done", "Succeeded", deps=[("SFTJob", "s")]),
             summary("PPOJob", "other-ns", "Waiting", ns="x", deps=[("SFTJob", "s")])]
     lookup = lambda kind, name: next((j for j in jobs if j["kind"] == kind and j["name"] == name and j["namespace"] == "ns"), None)  # noqa: E731
     spec = {"actor": {"fromJob": {"name": "s"}}, "rewardModel": {"fromJob": {"name": "missing"}}}
     states = dependencies.resolve("PPOJob", spec, lookup)
-    assert [(d.name, d.exists, d.phase, d.claim) for d in states] == [("s", True, "Succeeded", "s-checkpoints"), ("missing", False, "", "")]
+    assert [(d.name, d.exists, d.phase, d.claim) for d in states] == [("s", True, "Succeeded", "s-sft-checkpoints"), ("missing", False, "", "")]
     assert dependencies.dependents("ns", "SFTJob", "s", jobs) == [("ns", "PPOJob", "p")]
     errs = dependencies.wrong_kind_errors("PPOJob", {"rewardModel": {"fromJob": {"name": "s"}}}, lookup)
     assert errs == ["spec.rewardModel.fromJob: 's' is a SFTJob, but rewardModel needs a RewardModelJob; name a RewardModelJob or set fromJob.kind"]
@@ -88,7 +88,8 @@ def test_summarize_reads_status():
     j = job("RewardModelJob", "rm", status={"phase": "Failed", "conditions": [
         {"type": "Failed", "status": "True", "message": "bad data"}], "checkpoint": {"claim": "c"}})
     s = dependencies.summarize("RewardModelJob", j)
-    assert (s["phase"], s["message"], s["claim"], s["uid"]) == ("Failed", "bad data", "c", "uid-rm")
+    assert (s["phase"], s["message"], s["uid"]) == ("Failed", "bad data", "uid-rm")
+    assert "claim" not in s  # an upstream claim is named by names.pvc_name, not read back from its status
 
 
 METRICS = """# HELP rlhf_trainer_step step
@@ -362,36 +363,18 @@ def test_dependency_cycles_fail_every_job_of_the_cycle(operator, jobs):
 
 def test_webhook_refuses_grants_and_cycles_at_apply_time(operator_factory, jobs, k8s, namespace):
     from kubernetes import client
-    from kubernetes.client.rest import ApiException
-    from op_helpers import free_port, wait_for
+    from op_helpers import delete_webhook_configurations, free_port, wait_for, webhook_rejection, webhooks
 
     name = f"rlhf-policy-{namespace}.rlhf.io"
     op = operator_factory(RLHF_WEBHOOK_ENABLED="1", RLHF_WEBHOOK_PORT=str(free_port()), RLHF_WEBHOOK_CONFIG_NAME=name,
                           RLHF_WEBHOOK_FAILURE_POLICY="Fail", RLHF_ALLOWED_TRAINER_IMAGES="registry.example.com/rlhf/")
     adm = client.AdmissionregistrationV1Api(k8s)
 
-    def configured():
-        try:
-            return adm.read_validating_webhook_configuration(name).webhooks or []
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-
     def rejected(kind, job_name, s):
-        def attempt():
-            try:
-                jobs.create(kind, job_name, s)
-            except ApiException as e:
-                return e
-            jobs.delete(kind, job_name)  # the webhook was not serving yet
-            return None
-        err = wait_for(f"{job_name} rejected", attempt, 20, 0.5)
-        assert err.status in (400, 422) and "admission webhook" in err.body, err.body
-        return json.loads(err.body)["message"]  # the body escapes '>' as \u003e
+        return json.loads(webhook_rejection(jobs, kind, job_name, s).body)["message"]  # the body escapes '>' as \u003e
 
     try:
-        wait_for("webhook configuration", configured, 30)
+        wait_for("webhook configuration", lambda: webhooks(adm.read_validating_webhook_configuration, name), 30)
         assert "spec.env[0].name: PYTHONPATH" in rejected("SFTJob", "pp", standin_spec(env=[{"name": "PYTHONPATH", "value": "/x"}]))
         assert "spec.image: 'docker.io/evil/miner:1' is not an allowed" in rejected("SFTJob", "img", standin_spec(image="docker.io/evil/miner:1"))
         body = rejected("SFTJob", "sec", standin_spec(env=[{"name": "T", "valueFrom": {"secretKeyRef": {"name": "db", "key": "pw"}}}]))
@@ -404,12 +387,7 @@ def test_webhook_refuses_grants_and_cycles_at_apply_time(operator_factory, jobs,
         jobs.wait_phase("SFTJob", "ok-image", "Succeeded", 60)
     finally:
         op.stop()
-        for delete in (adm.delete_validating_webhook_configuration, adm.delete_mutating_webhook_configuration):
-            try:
-                delete(name)
-            except ApiException as e:
-                if e.status != 404:
-                    raise
+        delete_webhook_configurations(adm, name)
 
 
 def test_operator_refuses_traversals_that_an_older_schema_let_through(operator, jobs, k8s, crds):

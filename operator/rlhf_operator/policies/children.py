@@ -37,7 +37,8 @@ def object_view(obj: dict[str, Any]) -> ObjectView:
         name=meta.get("name", ""),
         deleting=bool(meta.get("deletionTimestamp")),
         labels=tuple(sorted((meta.get("labels") or {}).items())),
-        owners=tuple((o.get("kind", ""), o.get("name", ""), o.get("uid", "")) for o in meta.get("ownerReferences") or []),
+        owners=tuple((o.get("kind", ""), o.get("name", ""), o.get("uid", ""))
+                     for o in meta.get("ownerReferences") or []),
     )
 
 
@@ -78,33 +79,6 @@ def ownership(view: ObjectView, what: str, kind: str, name: str, uid: str, by_la
 def owns_claim(view: ObjectView | None, uid: str) -> bool:
     """The claim carries the job's UID label (or was not observed: nothing to go by)."""
     return view is None or (view.exists and view.label(LABEL_JOB_UID) == uid)
-
-
-def claim_verdict(kind: str, name: str, uid: str, recorded: bool, view: ObjectView | None,
-                  on_loss: str) -> tuple[str, str, str] | None:
-    """What the job's own checkpoint claim means for the job: None (fine, or not created yet), else
-    (action, reason, message) with action "fail", "wait" or "start_over". `recorded`: the job created
-    its claim before (status.checkpoint.claim)."""
-    if view is None:
-        return None
-    if not view.exists and not recorded:
-        return None  # created with the first pod
-    state = ownership(view, "claim", kind, name, uid, by_label=True) if view.exists else (OURS, "")
-    if view.exists and state[0] == CONFLICT:
-        return "fail", "ChildNameConflict", state[1]
-    if view.exists and state[0] == WAIT and not recorded:
-        return "wait", "ChildNameInUse", state[1]
-    if view.exists and not view.deleting and state[0] == OURS:
-        return None
-    what = "was deleted" if not view.exists else "is being deleted"
-    if on_loss == "StartOver":
-        return ("start_over", "CheckpointClaimLost",
-                f"checkpoint claim {view.name} {what}; spec.checkpoint.onClaimLoss is StartOver: stopping the trainer "
-                f"and starting over from step 0 with a new claim")
-    return ("fail", "CheckpointClaimLost",
-            f"checkpoint claim {view.name} {what}, with the job's checkpoints; the job cannot finish without it. "
-            f"Recreate the job to train from step 0, or set spec.checkpoint.onClaimLoss: StartOver to do that "
-            f"automatically")
 
 
 def lost_input(deps: list[Any], recorded: list[dict[str, Any]], inputs: dict[str, ObjectView]) -> str:

@@ -10,9 +10,12 @@ podFailurePolicy that ignores the DisruptionTarget condition. The trainer checkp
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlhf_trainer import contract
+
+if TYPE_CHECKING:
+    from rlhf_operator.planning import Pass, Plan
 
 # Pod status reasons set by the kubelet, the scheduler and the node lifecycle controller.
 POD_REASONS = {
@@ -48,3 +51,17 @@ def disruption(pod: Any | None, name: str) -> str | None:
 
 def announce(why: str, new_pod: str, count: int) -> str:
     return f"{why}; not counted against spec.backoffLimit (disruption {count}); started {new_pod}"
+
+
+def replace(ps: Pass, why: str) -> Plan:
+    """The current pod was disrupted (`why`): a new pod at once, restarts not used."""
+    if lost := ps.inputs_lost():
+        return ps.fail("DependencyDeleted", f"{why}; {lost}")
+    count = (ps.st.get("disruptionCount") or 0) + 1
+    ps.st["disruptionCount"] = count
+    ps.start(ps.next_attempt, ps.restarts)
+    message = announce(why, ps.st["trainerPod"], count)
+    ps.conds.set("Restarting", True, "PodDisrupted", message)
+    ps.conds.clear("Running", "PodDisrupted", why)
+    ps.announce("Restarting", "Warning", "PodDisrupted", message)
+    return ps.finish()

@@ -29,8 +29,10 @@ def message(pod_name: str, exit_code: int | None, spec: dict[str, Any], claim: s
     now = f" (now {batch})" if batch is not None else ""
     ds = spec.get("deepspeed") or {}
     stage = ds.get("zeroStage", 0)
-    zero = "set spec.deepspeed.zeroStage 2 or 3 with offloadOptimizer: true" if stage < 2 or not ds.get("offloadOptimizer") \
-        else "set spec.deepspeed.offloadParams: true (zeroStage 3)"
+    if stage < 2 or not ds.get("offloadOptimizer"):
+        zero = "set spec.deepspeed.zeroStage 2 or 3 with offloadOptimizer: true"
+    else:
+        zero = "set spec.deepspeed.offloadParams: true (zeroStage 3)"
     keep = f"; the checkpoints written so far are kept in claim {claim}" if claim else ""
     return (f"trainer pod {pod_name} ran out of memory ({code}OOMKilled): it used more than {limit}. A retry would run "
             f"out of memory again, so the job failed without using spec.backoffLimit. Raise spec.resources.memory, or "

@@ -12,27 +12,21 @@ therefore never apply a half-accepted change mid-run.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlhf_operator import jobspec
+from rlhf_operator.patches import prune_empty
+
+if TYPE_CHECKING:
+    from rlhf_operator.planning import Pass, Plan
 
 # Top-level spec fields (and checkpoint sub-fields) that a running job takes at once.
 MUTABLE_CHECKPOINT = frozenset({"retainPolicy"})
 
 
-def _normal(obj: Any) -> Any:
-    """The spec as the status stores it: no empty strings, nulls or empty objects."""
-    if isinstance(obj, dict):
-        out = {k: _normal(v) for k, v in obj.items() if v != "" and v is not None}
-        return {k: v for k, v in out.items() if v != {}}
-    if isinstance(obj, list):
-        return [_normal(v) for v in obj]
-    return obj
-
-
 def snapshot(spec: dict[str, Any]) -> dict[str, Any]:
-    """What status.runningSpec holds for a spec."""
-    return _normal(copy.deepcopy(spec or {}))
+    """What status.runningSpec holds for a spec (as the status stores it: no empty strings or nulls)."""
+    return prune_empty(copy.deepcopy(spec or {}))
 
 
 def in_run(status: dict[str, Any]) -> bool:
@@ -50,7 +44,7 @@ def _mutable(field: str) -> bool:
 
 def refused_fields(running: dict[str, Any], spec: dict[str, Any]) -> list[str]:
     """spec.* fields changed since the run started that a running job does not take."""
-    changed = jobspec.changed_fields(_normal(running or {}), snapshot(spec))
+    changed = jobspec.changed_fields(prune_empty(running or {}), snapshot(spec))
     return [f"spec.{f}" for f in changed if not _mutable(f)]
 
 
@@ -78,3 +72,19 @@ def refused_message(fields: list[str], generation: Any, running_generation: Any)
     return (f"{', '.join(fields)} changed while the trainer runs (generation {generation}): not applied; the trainer "
             f"and any pod that replaces it keep the spec of generation {running_generation}. To apply the change, "
             "suspend the job (spec.suspend: true) and resume it (checkpoints are kept); or revert the edit")
+
+
+def apply(ps: Pass) -> Plan | None:
+    """A run in progress: refuse the edits it cannot take (SpecChangeRefused), else record the spec it runs."""
+    if not ps.in_run:
+        return None
+    generation = ps.generation
+    refused = refused_fields(ps.old["runningSpec"], ps.spec)
+    if refused:
+        ps.conds.set("SpecChangeRefused", True, "ImmutableWhileRunning",
+                     refused_message(refused, generation, ps.old.get("runningGeneration")))
+    else:
+        ps.st.update(runningSpec=snapshot(ps.spec), runningGeneration=generation)
+        ps.conds.clear("SpecChangeRefused", "SpecMatchesRun",
+                       f"the trainer runs the current spec (generation {generation})")
+    return None

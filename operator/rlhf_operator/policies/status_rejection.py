@@ -12,7 +12,7 @@ import copy
 import re
 from typing import Any
 
-from rlhf_operator.status import Conditions
+from rlhf_operator.conditions import Conditions
 
 CONDITION = "StatusRejected"
 _FIELD = re.compile(r"\bstatus(?:\.[A-Za-z0-9_]+|\[\d+\])+")
@@ -56,7 +56,8 @@ def accepted(status: dict[str, Any], now: str, generation: Any) -> dict[str, Any
     return {**status, "conditions": conds.items}
 
 
-def trimmed(status: dict[str, Any], body: dict[str, Any] | None, now: str, generation: Any) -> tuple[dict[str, Any], str]:
+def trimmed(status: dict[str, Any], body: dict[str, Any] | None, now: str,
+            generation: Any) -> tuple[dict[str, Any], str]:
     """The status to write after a 422, and the condition message (also the event's)."""
     fields = rejected_fields(body)
     reason = (body or {}).get("message", "")[:600]
