@@ -25,7 +25,8 @@ def job_row(obj: dict) -> list[str]:
     key, label = KEY_METRIC.get(kind, ("loss", "loss"))
     metric = prog.get(key)
     note = next(
-        (c.get("message", "") for c in st.get("conditions", []) if c.get("status") == "True" and c["type"] in ("WaitingForDependencies", "Failed")),
+        (c.get("message", "") for c in st.get("conditions", [])
+         if c.get("status") == "True" and c["type"] in ("WaitingForDependencies", "Failed")),
         "",
     )
     return [

@@ -60,22 +60,26 @@ def lines(s: dict) -> list[str]:
     for st in s["stages"]:
         where = st["output"].get("claim", st["checkpoint"].get("claim", "-"))
         path = st["output"].get("path", "")
-        out.append(f"{st['kind']:15} {st['name']:16} {st['phase'] or 'Pending':10} checkpoint: claim {where} {path}".rstrip())
+        line = f"{st['kind']:15} {st['name']:16} {st['phase'] or 'Pending':10} checkpoint: claim {where} {path}"
+        out.append(line.rstrip())
         if st["failure"]:
             out.append(f"    FAILED - {st['failure']}")
     acc, se, n = s["reward_model_eval_accuracy"], s["reward_model_eval_accuracy_se"], s["reward_model_eval_pairs"]
     if acc is not None and se is not None:
-        out.append(f"reward model held-out accuracy: {acc:.3f} +- {se:.3f} (standard error; {n} unseen pairs, chance 0.5)")
+        out.append(f"reward model held-out accuracy: {acc:.3f} +- {se:.3f} "
+                   f"(standard error; {n} unseen pairs, chance 0.5)")
     else:
         out.append(f"reward model held-out accuracy: {report.fmt(acc)}")
     q = s["ppo_reward_quarters"]
     if q:
         moved = f" ({q['rise_in_se']:.1f} standard errors)" if q["rise_in_se"] is not None else ""
-        out.append(f"PPO reward (iteration means; quarter = {q['first']['n']} of {q['points']} iterations, mean +- spread):")
+        out.append(f"PPO reward (iteration means; quarter = {q['first']['n']} of {q['points']} iterations, "
+                   "mean +- spread):")
         out.append(f"    first quarter {_q(q['first'])} -> last quarter {_q(q['last'])}")
         out.append(f"    rise {q['rise']:+.3f} +- {q['rise_se']:.3f}{moved}")
     else:
-        out.append(f"PPO mean reward: start {report.fmt(s['ppo_reward_start'])} -> end {report.fmt(s['ppo_reward_end'])}")
+        start, end = report.fmt(s["ppo_reward_start"]), report.fmt(s["ppo_reward_end"])
+        out.append(f"PPO mean reward: start {start} -> end {end}")
     kq = s["ppo_kl_quarters"]
     kl_text = f" (first quarter {_q(kq['first'])}, last quarter {_q(kq['last'])})" if kq else ""
     out.append(f"PPO KL to the SFT policy: final {report.fmt(s['ppo_final_kl'])}{kl_text}")

@@ -21,8 +21,8 @@ Exits non-zero naming the stage that failed and why.
 
 How long: about 10 minutes on 2 CPU cores once installed (the pipeline itself under 10 minutes).
 The first run also installs (scripts/install.sh): a few minutes of pip downloads (.venv, ~6 GB)
-and about 7 minutes building kube-apiserver/controller-manager/scheduler v1.20.2 from Debian's
-source (~/.cache/rlhf-platform/); both are cached, so a second run reuses them and starts at once.
+and a cold build of Kubernetes v1.34, etcd and CoreDNS from pinned Go modules (tens of minutes on 2
+cores; ~/.cache/rlhf-platform/); both are cached, so a second run reuses them and starts at once.
 
 What it needs: Debian bookworm (or a derivative) with python3 and root or sudo for apt-get the first
 time; network access the first time only; 2+ CPU cores, ~6 GiB free memory, ~10 GiB disk. No GPU.
