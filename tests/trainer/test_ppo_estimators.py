@@ -12,12 +12,10 @@ says `good`" (1 or 0), so a group of samples of one prompt usually has both outc
 
 from __future__ import annotations
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from support.reward_server import RewardServer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -130,37 +128,10 @@ def test_resume_is_exact_for_each_estimator(world, tmp_path, monkeypatch, capsys
         assert resumed["metrics"][key] == pytest.approx(straight["metrics"][key], rel=1e-4, abs=1e-6), key
 
 
-class FlakyReward:
-    """Reward 1 when the response says `good`; answers 503 from request number `fail_from` on."""
-
-    def __init__(self, fail_from: int):
-        self.fail_from, self.count = fail_from, 0
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.count += 1
-                if outer.fail_from and outer.count >= outer.fail_from:
-                    self.send_response(503)
-                    self.end_headers()
-                    return
-                data = json.dumps({"rewards": [float("good" in r.split()) for r in body["responses"]]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
 def test_an_endpoint_that_keeps_failing_stops_with_a_checkpoint_to_resume_from(world, tmp_path, capsys):
-    srv = FlakyReward(fail_from=4)  # one request per iteration: iterations 1-3 scored, the 4th never
+    down = {"from": 4}  # one request per iteration: iterations 1-3 scored, the 4th never
+    srv = RewardServer(lambda r, _f: float("good" in r.split()), path="/",
+                       fail=lambda n, _auth: 503 if down["from"] and n >= down["from"] else None)
     endpoint = {"url": srv.url, "max_retries": 2, "backoff_seconds": 0.01, "max_backoff_seconds": 0.01}
 
     def cfg():
@@ -172,11 +143,11 @@ def test_an_endpoint_that_keeps_failing_stops_with_a_checkpoint_to_resume_from(w
         ppo.run(cfg())
     assert err.value.exit_code == c.EXIT_REWARD_ENDPOINT_ERROR
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step-00000003"
-    srv.fail_from = 0  # the endpoint is back
+    down["from"] = 0  # the endpoint is back
     capsys.readouterr()
     result = ppo.run(cfg())
     assert result["resumed_from"] == 3 and [r["step"] for r in logged_steps(capsys.readouterr().out)] == [4, 5]
-    srv.server.shutdown()
+    srv.close()
 
 
 def test_reward_model_and_rules_are_summed_with_weights(world, tmp_path, capsys):

@@ -3,12 +3,8 @@ and their weighted sum."""
 
 from __future__ import annotations
 
-import json
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import pytest
+from support.reward_server import RewardServer, scripted
 
 torch = pytest.importorskip("torch")
 
@@ -93,59 +89,13 @@ def test_rule_and_source_config_errors_name_the_field(tmp_path):
 # --- the endpoint --------------------------------------------------------------------------------
 
 
-class RewardServer:
-    """A stand-in reward service: reward = len(response); scripted failures; counts concurrency."""
-
-    def __init__(self, plan=None, delay=0.0, answer=None):
-        self.plan = list(plan or [])  # per request: an HTTP status to fail with, or "ok"
-        self.delay, self.answer = delay, answer
-        self.requests, self.in_flight, self.max_in_flight = [], 0, 0
-        self.lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with outer.lock:
-                    outer.requests.append({"body": body, "auth": self.headers.get("Authorization")})
-                    step = outer.plan.pop(0) if outer.plan else "ok"
-                    outer.in_flight += 1
-                    outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
-                time.sleep(outer.delay)
-                with outer.lock:
-                    outer.in_flight -= 1
-                if step != "ok":
-                    self.send_response(step)
-                    self.end_headers()
-                    self.wfile.write(b"busy")
-                    return
-                answer = outer.answer if outer.answer is not None else {
-                    "rewards": [float(len(r)) for r in body["responses"]]}
-                data = json.dumps(answer).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/score"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture()
 def server_factory():
     made = []
 
     def make(**kw):
-        made.append(RewardServer(**kw))
+        plan = kw.pop("plan", None)
+        made.append(RewardServer(lambda r, _f: float(len(r)), fail=scripted(plan or []), **kw))
         return made[-1]
 
     yield make
