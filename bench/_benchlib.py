@@ -40,6 +40,24 @@ def minilm_path() -> Path:
     return path
 
 
+def save_tiny_actor(directory: Path, init_from_config: dict[str, Any], seed: int):
+    """A fresh causal LM from `init_from_config` with the MiniLM tokenizer, saved in `directory` as a user's
+    model would be; returns the tokenizer. (Both sides of a benchmark start from these weights.)"""
+    import torch
+    from rlhf_trainer.config import ModelConfig
+    from rlhf_trainer.models import load_tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tok = load_tokenizer(ModelConfig(path=str(minilm_path())))
+    torch.manual_seed(seed)
+    init = dict(init_from_config)
+    config = AutoConfig.for_model(init.pop("model_type"), **init, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                                  eos_token_id=tok.eos_token_id, bos_token_id=tok.cls_token_id)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return tok
+
+
 def thread_env(threads: int, extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment of a child: the same thread count for every math library, both sides alike."""
     env = dict(os.environ)

@@ -47,21 +47,12 @@ REWARD_MEAN = "rlhf_ppo_reward_mean"
 
 def prepare(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     """The actor's weights and a prompt file of prompts that fill the prompt window exactly."""
-    import torch
-    from rlhf_trainer.config import DatasetConfig, ModelConfig
+    from rlhf_trainer.config import DatasetConfig
     from rlhf_trainer.data import load_prompt_records
     from rlhf_trainer.data.encoding import encode_prompt, start_ids
-    from rlhf_trainer.models import load_tokenizer
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    tok = load_tokenizer(ModelConfig(path=str(bl.minilm_path())))
     actor_dir = work / "actor"
-    torch.manual_seed(spec["seed"])
-    init = dict(GPT2_TINY)
-    config = AutoConfig.for_model(init.pop("model_type"), **init, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                                  eos_token_id=tok.eos_token_id, bos_token_id=tok.cls_token_id)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(actor_dir)
-    tok.save_pretrained(actor_dir)
+    tok = bl.save_tiny_actor(actor_dir, GPT2_TINY, spec["seed"])
     records = load_prompt_records(DatasetConfig(path=spec["data"], format="hh_rlhf", eval_fraction=0.0)).train
     n_start = len(start_ids(tok))
     prompts = []
