@@ -120,9 +120,13 @@ def _read_only_root(mounts: list) -> None:
     as root filesystem again.
     """
     owners = sorted(((m["dst"], bool(m.get("root"))) for m in mounts), key=lambda o: len(o[0]), reverse=True)
-    for point, flags in _mountinfo():
+    table = _mountinfo()
+    for i, (point, flags) in enumerate(table):
         if any(_under(point, top) for top in KERNEL_FS):
             continue
+        if any(_under(point, later) for later, _ in table[i + 1:]):
+            continue  # covered by a later mount at or above it (e.g. the checkout bound back over a /tmp volume):
+            # unreachable, and its path now leads into the covering mount, which has its own entry
         if not next((is_root for dst, is_root in owners if _under(point, dst)), True):
             continue
         try:
