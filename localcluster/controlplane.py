@@ -285,7 +285,7 @@ class Cluster:
                 self._stop(log)
             t0 = time.monotonic()
             for attempt in (1, 2):
-                state = self._prepare(new_ports=attempt > 1)
+                state = self._prepare(new_ports=attempt > 1, log=log)
                 try:
                     self._start(state, timeout, node_timeout, wait_node, watch_pid, log)
                     break
@@ -321,10 +321,25 @@ class Cluster:
         """Cluster DNS serves pods, so it runs with the node agent; port 53 needs root (as the agent does)."""
         return self.node_agent and os.geteuid() == 0
 
-    def _prepare(self, new_ports: bool = False) -> dict:
+    def _retire_foreign_data(self, log: Log) -> None:
+        """Moves aside etcd data written by other etcd/Kubernetes versions (an older checkout's v1.20 cluster
+        left a v2 WAL that etcd 3.6 panics on); this cluster then starts with empty state."""
+        data, stamp = self._root / "etcd", self._root / "etcd.version"
+        want = f"etcd {provision.ETCD.version}, kubernetes {provision.K8S.version}"
+        have = stamp.read_text().strip() if stamp.exists() else "an older version (no etcd.version)"
+        if data.is_dir() and any(data.iterdir()) and have != want:
+            aside = self._root / f"etcd.old-{time.strftime('%Y%m%d-%H%M%S')}"
+            data.rename(aside)
+            log(f"  the cluster data in {data} was written by {have}, not {want}: moved to {aside}; "
+                "starting with an empty cluster (delete it when not needed)")
+        data.mkdir(mode=0o700, exist_ok=True)
+        stamp.write_text(want + "\n")
+
+    def _prepare(self, new_ports: bool = False, log: Log = print) -> dict:
         self._root.mkdir(parents=True, exist_ok=True)
         self._root.chmod(0o700)
         self._binaries()
+        self._retire_foreign_data(log)
         certs.ensure_certs(self._root / "certs")
         self._token()
         old = self._load()

@@ -240,3 +240,27 @@ def test_up_retries_on_new_ports_when_a_picked_port_is_taken(tmp_path, monkeypat
     finally:
         c.down(log=lambda _m: None)
         squatter.close()
+
+
+@pytest.mark.cluster
+def test_up_moves_aside_etcd_data_of_another_version(tmp_path):
+    """A state dir from an older checkout (etcd 3.4's v2 WAL of the v1.20 cluster) made etcd 3.6 panic at start."""
+    old = tmp_path / "c" / "etcd" / "member" / "wal"
+    old.mkdir(parents=True)
+    (old / "0000000000000000-0000000000000000.wal").write_bytes(b"\0not a WAL etcd 3.6 can read")
+    lines: list[str] = []
+    c = Cluster(tmp_path / "c", node_agent=False)
+    try:
+        c.up(log=lines.append)
+        assert c.get("/readyz") == (200, "ok")
+        moved = [line for line in lines if "moved to" in line]
+        assert moved and "no etcd.version" in moved[0], lines
+        aside = sorted((tmp_path / "c").glob("etcd.old-*"))
+        assert len(aside) == 1 and (aside[0] / "member" / "wal").is_dir()
+        assert provision.ETCD.version in (tmp_path / "c" / "etcd.version").read_text()
+        c.down(log=lambda _m: None)
+        lines.clear()
+        c.up(log=lines.append)  # same versions: the data stays
+        assert not any("moved to" in line for line in lines) and len(list((tmp_path / "c").glob("etcd.old-*"))) == 1
+    finally:
+        c.down(log=lambda _m: None)
