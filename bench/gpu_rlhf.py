@@ -11,7 +11,13 @@ and fits about 8 minutes on one H100/H200. Writes JSON and a markdown table.
 
     python bench/gpu_rlhf.py                      # GPU size
     python bench/gpu_rlhf.py --zero-stage 3       # the same through DeepSpeed ZeRO-3
+    python bench/gpu_rlhf.py --generation-only    # only PPO generation: ZeRO-2 vs ZeRO-3 (about 4 minutes)
     python bench/gpu_rlhf.py --quick              # CPU smoke size (tiny models, fp32)
+
+Generation runs the trainer's sampler as configured for production; on a GPU the decode step is compiled
+(``RLHF_GENERATION_COMPILE=1``; ``--no-generation-compile`` turns it off). ``--zero-compare`` (implied by
+``--generation-only``) adds two short PPO runs of the same actor through DeepSpeed ZeRO-2 and ZeRO-3 (a rule
+reward, no critic) and reports their generation tokens/s and the ratio ZeRO-2 / ZeRO-3 (target <= 1.5).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ GPT2_QUICK = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "n_
 # Dense bf16 peak FLOP/s by device name (tensor cores, no sparsity).
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
 SKIPPED = "rlhf_trainer_skipped_steps_total"
+ZERO_COMPARE_ITERATIONS = 2  # timed PPO iterations per ZeRO stage in --zero-compare (after the warm-up)
 
 FULL = {
     "reward": {"steps": 150, "warmup": 10, "batch_size": 64, "max_length": 256, "lr": 5e-5},
@@ -67,18 +74,20 @@ def write_data(src: Path, work: Path, n: int) -> dict[str, Path]:
 
 # --- configs -------------------------------------------------------------------------------------
 
-def common(args, work: Path, stage: str, steps: int, batch: int, max_length: int, lr: float) -> dict[str, Any]:
+def common(args, work: Path, stage: str, steps: int, batch: int, max_length: int, lr: float,
+           name: str | None = None) -> dict[str, Any]:
+    name = name or stage
     return {
         "stage": stage,
-        "job": {"name": f"gpu-bench-{stage}", "namespace": "bench"},
+        "job": {"name": f"gpu-bench-{name}", "namespace": "bench"},
         "training": {"max_steps": steps, "batch_size": batch, "max_length": max_length, "learning_rate": lr,
                      "lr_schedule": "constant", "warmup_steps": 0, "log_every": 1, "eval_every": 0,
                      "threads": args.threads, "seed": args.seed},
         # deepspeed.enabled unset: plain torch for ZeRO 0/1 on one GPU, DeepSpeed for ZeRO 2/3
         "deepspeed": {"zero_stage": args.zero_stage, "bf16": args.bf16},
-        "checkpoint": {"dir": str(work / stage / "ckpt"), "every_steps": 0, "resume": False},
+        "checkpoint": {"dir": str(work / name / "ckpt"), "every_steps": 0, "resume": False},
         "metrics": {"port": 0},
-        "output_dir": str(work / stage / "final"),
+        "output_dir": str(work / name / "final"),
     }
 
 
@@ -106,15 +115,46 @@ def ppo_config(args, size, work, data) -> dict[str, Any]:
                     "kl_coef": p["kl_coef"]}}
 
 
+def zero_compare_config(args, size, work, data, zero_stage: int) -> dict[str, Any]:
+    """PPO of the SFT-sized actor (from its config: only generation speed matters here) through DeepSpeed at
+    ``zero_stage``, with a rule reward and no critic, for a warm-up and ZERO_COMPARE_ITERATIONS iterations."""
+    p = size["ppo"]
+    cfg = common(args, work, "ppo", p["warmup"] + ZERO_COMPARE_ITERATIONS, p["minibatch"],
+                 p["prompt_length"] + p["new_tokens"], p["lr"], name=f"ppo-zero{zero_stage}")
+    cfg["deepspeed"] = {"enabled": True, "zero_stage": zero_stage, "bf16": args.bf16}
+    actor = {"init_from_config": size["actor"], "tokenizer_path": str(bl.minilm_path())}
+    return {**cfg, "dataset": {"path": str(data["prompts"]), "format": "prompt", "eval_fraction": 0.0},
+            "ppo": {"actor": actor, "reward_fn": "count:the", "advantage_estimator": "reinforce_plus_plus",
+                    "rollout_batch_size": p["rollout"], "minibatch_size": p["minibatch"], "ppo_epochs": p["epochs"],
+                    "max_prompt_length": p["prompt_length"], "max_new_tokens": p["new_tokens"],
+                    "kl_coef": p["kl_coef"]}}
+
+
+def zero_compare(args, size, work, data, params: int, peak: float | None) -> dict[str, Any]:
+    spec = {**size["ppo"], "iterations": ZERO_COMPARE_ITERATIONS}
+    out: dict[str, Any] = {}
+    for z in (2, 3):
+        res = run_stage(args, "ppo", zero_compare_config(args, size, work, data, z), work, name=f"ppo-zero{z}")
+        r = ppo_result(res, spec, params, 0, peak)
+        out[f"zero{z}"] = {k: r[k] for k in ("generation_tokens_per_s", "phase_s", "response_length",
+                                             "peak_memory_mib", "skipped_steps")}
+    out["zero2_over_zero3"] = (out["zero2"]["generation_tokens_per_s"] / out["zero3"]["generation_tokens_per_s"])
+    return out
+
+
 # --- running and reading a stage -----------------------------------------------------------------
 
-def run_stage(args, stage: str, cfg: dict[str, Any], work: Path) -> bl.ChildResult:
-    path = work / f"{stage}.yaml"
+def run_stage(args, stage: str, cfg: dict[str, Any], work: Path, name: str | None = None) -> bl.ChildResult:
+    name = name or stage
+    path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    env = bl.thread_env(args.threads, {"RLHF_TERMINATION_LOG": str(work / f"{stage}.termination-log")})
+    extra = {"RLHF_TERMINATION_LOG": str(work / f"{name}.termination-log")}
+    if args.generation_compile:
+        extra["RLHF_GENERATION_COMPILE"] = "1"
+    env = bl.thread_env(args.threads, extra)
     res = bl.run_child([bl.python(), "-m", "rlhf_trainer", stage, "--config", str(path)], env, cwd=bl.REPO,
                        timeout=args.timeout)
-    bl.check_child(stage, res)
+    bl.check_child(name, res)
     return res
 
 
@@ -185,7 +225,19 @@ def ppo_result(res: bl.ChildResult, spec: dict[str, Any], params: int, critic_pa
     }
 
 
+def zero_markdown(z: dict[str, Any]) -> str:
+    head = "| PPO generation (rule reward, no critic) | generation tokens/s | generate s/iteration | peak MiB |"
+    lines = [head, "|---|---|---|---|"]
+    for stage in (2, 3):
+        r = z[f"zero{stage}"]
+        lines.append(f"| DeepSpeed ZeRO-{stage} | {r['generation_tokens_per_s']:.0f} | {r['phase_s']['generate']:.2f} "
+                     f"| {r['peak_memory_mib']:.0f} |")
+    return "\n".join(lines) + f"\n\nZeRO-2 / ZeRO-3 generation speed: {z['zero2_over_zero3']:.2f}x (target <= 1.5)\n"
+
+
 def markdown(result: dict[str, Any]) -> str:
+    if "reward" not in result:  # --generation-only
+        return zero_markdown(result["zero_compare"])
     rm, sft, ppo = result["reward"], result["sft"], result["ppo"]
     rows = [
         ("reward model (MiniLM)", f"{rm['samples_per_s']:.1f} pairs/s", f"{rm['tokens_per_s']:.0f}", "-",
@@ -200,7 +252,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     trend = ", ".join(f"{r:.3f}" for r in ppo["reward"])
     kl = ", ".join(f"{k:.4f}" for k in ppo["kl"])
-    return "\n".join(lines) + f"\n\nPPO reward per iteration: {trend}\nPPO KL per iteration: {kl}\n"
+    text = "\n".join(lines) + f"\n\nPPO reward per iteration: {trend}\nPPO KL per iteration: {kl}\n"
+    return text + ("\n" + zero_markdown(result["zero_compare"]) if "zero_compare" in result else "")
 
 
 # --- main ----------------------------------------------------------------------------------------
@@ -212,6 +265,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="DeepSpeed ZeRO stage (2 and 3 run DeepSpeed; 0/1 run the plain torch engine on one GPU)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 (default: on for the GPU size, off for --quick)")
+    p.add_argument("--generation-compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the PPO decode step with CUDA graphs (default: on with a GPU)")
+    p.add_argument("--zero-compare", action="store_true",
+                   help="also time PPO generation through ZeRO-2 and ZeRO-3 (two short PPO runs)")
+    p.add_argument("--generation-only", action="store_true",
+                   help="only the ZeRO-2 vs ZeRO-3 generation comparison (no reward/SFT/PPO pipeline)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--data", default=str(bl.HH_PAIRS), help="preference pairs JSONL (HH-RLHF harmless)")
@@ -224,7 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     size = QUICK if args.quick else FULL
     args.bf16 = size["bf16"] if args.bf16 is None else args.bf16
-    out = Path(args.out or bl.RESULTS_DIR / f"gpu_rlhf{'-quick' if args.quick else ''}.json")
+    if args.generation_compile is None:
+        import torch
+
+        args.generation_compile = torch.cuda.is_available()
+    suffix = ("-quick" if args.quick else "") + ("-generation" if args.generation_only else "")
+    out = Path(args.out or bl.RESULTS_DIR / f"gpu_rlhf{suffix}.json")
     peak = peak_flops()
     with tempfile.TemporaryDirectory(prefix="bench-gpu-rlhf-") as tmp:
         work = Path(tmp)
@@ -233,15 +297,24 @@ def main(argv: list[str] | None = None) -> int:
                    p["rollout"] * (p["warmup"] + p["iterations"]), 64)
         data = write_data(Path(args.data), work, need)
         results: dict[str, Any] = {}
+        if args.generation_only or args.zero_compare:
+            results["zero_compare"] = zero_compare(args, size, work, data, n_params(size["actor"]), peak)
+        if args.generation_only:
+            return finish(args, size, peak, out, results)
         res = run_stage(args, "reward", reward_config(args, size, work, data), work)
         results["reward"] = training_result(res, size["reward"], n_params(None, bl.minilm_path()), peak)
         res = run_stage(args, "sft", sft_config(args, size, work, data), work)
         results["sft"] = training_result(res, size["sft"], n_params(size["actor"]), peak)
         res = run_stage(args, "ppo", ppo_config(args, size, work, data), work)
         results["ppo"] = ppo_result(res, p, results["sft"]["params"], results["reward"]["params"], peak)
+    return finish(args, size, peak, out, results)
+
+
+def finish(args, size, peak: float | None, out: Path, results: dict[str, Any]) -> int:
     table = markdown(results)
     payload = {"benchmark": "gpu_rlhf", "quick": args.quick, "machine": bl.machine(), "zero_stage": args.zero_stage,
-               "bf16": args.bf16, "sizes": size, "peak_flops": peak, **results, "markdown": table}
+               "bf16": args.bf16, "generation_compile": args.generation_compile, "sizes": size, "peak_flops": peak,
+               **results, "markdown": table}
     bl.write_json(out, payload)
     print(table)
     print(f"wrote {out}")

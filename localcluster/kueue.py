@@ -2,10 +2,13 @@
 
 Its CRDs and webhook manifests are copied from the pinned module at provision time (<cache>/kueue-<v>/manifests).
 The webhooks are registered by URL on 127.0.0.1 with a serving certificate from the cluster's CA (no Service
-routing, no certificate rotation); only those for Kueue's own kinds and batch/v1 Jobs, the one integration turned
-on (a webhook for pods or deployments with failurePolicy Fail would hold up every pod while Kueue is down).
+routing, no certificate rotation); only those for Kueue's own kinds, batch/v1 Jobs and Pods, the integrations
+turned on. Kueue's pod webhooks (failurePolicy Fail) see only pods labelled kueue.x-k8s.io/queue-name, outside
+kube-system and kueue-system: every other pod is created while Kueue is down. That is how the operator's queued
+jobs are admitted (a pod group per job: operator/rlhf_operator/queueing.py).
 Then a default ResourceFlavor, a ClusterQueue `cluster-queue` holding the nodes' CPU, memory and GPUs, and a
-LocalQueue `user-queue` in `default` are created. A Job joins a queue with the label kueue.x-k8s.io/queue-name.
+LocalQueue `user-queue` in `default` are created. A Job or a pod joins a queue with the label
+kueue.x-k8s.io/queue-name.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from .nodeagent.quantity import parse_quantity
 NAMESPACE = "kueue-system"
 API = "kueue.x-k8s.io/v1beta2"
 FLAVOR, CLUSTER_QUEUE, LOCAL_QUEUE = "default-flavor", "cluster-queue", "user-queue"
-WEBHOOK_GROUPS = {"kueue.x-k8s.io", "batch"}
+WEBHOOK_GROUPS = {"kueue.x-k8s.io", "batch", ""}  # "": the core group (pods)
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+SYSTEM_NAMESPACES = ["kube-system", NAMESPACE]
 MANIFEST_DIRS = ("config/components/crd/bases", "config/components/webhook")
 
 
@@ -39,7 +44,8 @@ def manager_argv(binary: str, config_file: str, cert_dir: str) -> list[str]:
 
 
 def config(webhook_port: int, health_port: int, metrics_port: int, cert_dir: str) -> dict:
-    """Kueue's Configuration: loopback ports, our certificate, no leader election, batch/v1 Jobs only."""
+    """Kueue's Configuration: loopback ports, our certificate, no leader election, batch/v1 Jobs and pods (the pod
+    integration needs a namespace selector: every namespace but the system ones, as the webhooks)."""
     return {
         "apiVersion": "config.kueue.x-k8s.io/v1beta2", "kind": "Configuration", "namespace": NAMESPACE,
         "health": {"healthProbeBindAddress": f"127.0.0.1:{health_port}"},
@@ -47,12 +53,15 @@ def config(webhook_port: int, health_port: int, metrics_port: int, cert_dir: str
         "webhook": {"host": "127.0.0.1", "port": webhook_port, "certDir": cert_dir},
         "leaderElection": {"leaderElect": False},
         "internalCertManagement": {"enable": False},
-        "integrations": {"frameworks": ["batch/job"]},
+        "integrations": {"frameworks": ["batch/job", "pod"]},
+        "managedJobsNamespaceSelector": {"matchExpressions": [
+            {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": SYSTEM_NAMESPACES}]},
     }
 
 
 def webhook_configurations(manifests: str, port: int, ca_pem: bytes) -> list[dict]:
-    """Kueue's webhook configurations, reduced to WEBHOOK_GROUPS and pointed at https://127.0.0.1:port."""
+    """Kueue's webhook configurations, reduced to WEBHOOK_GROUPS and pointed at https://127.0.0.1:port; the pod
+    webhooks only for queued pods outside the system namespaces."""
     import base64
 
     out = []
@@ -65,8 +74,13 @@ def webhook_configurations(manifests: str, port: int, ca_pem: bytes) -> list[dic
             if not groups or not groups <= WEBHOOK_GROUPS:
                 continue
             path = hook["clientConfig"]["service"]["path"]
-            hooks.append({**hook, "clientConfig": {"url": f"https://127.0.0.1:{port}{path}",
-                                                   "caBundle": base64.b64encode(ca_pem).decode()}})
+            hook = {**hook, "clientConfig": {"url": f"https://127.0.0.1:{port}{path}",
+                                             "caBundle": base64.b64encode(ca_pem).decode()}}
+            if "" in groups:
+                hook["objectSelector"] = {"matchExpressions": [{"key": QUEUE_LABEL, "operator": "Exists"}]}
+                hook["namespaceSelector"] = {"matchExpressions": [
+                    {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": SYSTEM_NAMESPACES}]}
+            hooks.append(hook)
         out.append({"apiVersion": doc["apiVersion"], "kind": doc["kind"],
                     "metadata": {"name": f"kueue-{doc['metadata']['name']}"}, "webhooks": hooks})
     return out

@@ -1,7 +1,8 @@
 """`python -m rlhf_pipeline run`: the platform's main job.
 
 Brings up the embedded cluster (or uses the one KUBECONFIG points at), installs the CRDs, starts the
-operator, seeds the demo inputs, applies examples/pipeline (SFT -> reward model -> PPO), shows a live
+operator, seeds the demo inputs, applies examples/pipeline (SFT -> reward model -> PPO) or, with
+`--pipeline dpo`, examples/pipeline-dpo (SFT -> reward model -> online iterative DPO), shows a live
 table, and ends with a summary, a JSON report and a PNG of the training curves. Exits non-zero when a
 stage failed, naming which and why.
 """
@@ -24,6 +25,8 @@ from . import kube, plots, report, seed, summary
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "hh-rlhf-harmless" / "pairs.jsonl"
 TERMINAL = ("Succeeded", "Failed")
+# --pipeline: which example pipeline runs, and where its summary goes by default.
+PIPELINES = {"ppo": ("pipeline", "pipeline"), "dpo": ("pipeline-dpo", "pipeline-dpo")}
 INPUTS_CLAIM = "rlhf-demo-inputs"
 
 
@@ -36,10 +39,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m rlhf_pipeline", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run the example pipeline end to end")
-    r.add_argument("--examples", default=str(REPO / "examples" / "pipeline"), help="directory of job manifests")
+    r.add_argument("--pipeline", choices=list(PIPELINES), default="ppo",
+                   help="ppo: SFT -> reward model -> PPO (examples/pipeline); dpo: SFT -> reward model -> 3 online "
+                        "DPO rounds (examples/pipeline-dpo)")
+    r.add_argument("--examples", default=None, help="directory of job manifests (default: the --pipeline's)")
     r.add_argument("--data", default=os.environ.get("RLHF_DEMO_DATA", str(DEFAULT_DATA)), help="HH-RLHF pairs JSONL")
     r.add_argument("--namespace", default="rlhf-demo")
-    r.add_argument("--out", default=str(REPO / "out" / "pipeline"), help="where the summary, chart and logs go")
+    r.add_argument("--out", default=None, help="where the summary, chart and logs go (default out/pipeline, "
+                                               "out/pipeline-dpo for --pipeline dpo)")
     r.add_argument("--state-dir", default=str(REPO / ".state" / "demo-cluster"), help="embedded cluster state")
     r.add_argument("--timeout", type=float, default=1800, help="seconds before giving up on the pipeline")
     r.add_argument("--keep-cluster", action="store_true", help="leave the embedded cluster running afterwards")
@@ -51,7 +58,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="trainer image (recorded locally)")
     r.add_argument("--set", action="append", default=[], metavar="KIND/NAME:PATH=VALUE",
                    help="override a manifest field, e.g. PPOJob/harmless-ppo:spec.training.maxSteps=4")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    examples, out = PIPELINES[args.pipeline]
+    args.examples = args.examples or str(REPO / "examples" / examples)
+    args.out = args.out or str(REPO / "out" / out)
+    return args
 
 
 def apply_overrides(docs: list[dict], overrides: list[str]) -> None:

@@ -12,7 +12,7 @@ from kubernetes import client, config, dynamic
 from kubernetes.client.rest import ApiException
 
 GROUP, VERSION = "rlhf.io", "v1alpha1"
-PLURALS = {"SFTJob": "sftjobs", "RewardModelJob": "rewardmodeljobs", "PPOJob": "ppojobs"}
+PLURALS = {"SFTJob": "sftjobs", "RewardModelJob": "rewardmodeljobs", "PPOJob": "ppojobs", "DPOJob": "dpojobs"}
 
 
 def api_client(kubeconfig: str) -> client.ApiClient:

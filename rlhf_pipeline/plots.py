@@ -2,14 +2,15 @@
 
 PPO: the reward's first- and last-quarter means drawn as bands (mean +- spread) so the rise can be judged
 against the noise, and the KL on its own right-hand axis. Reward model: loss on the left axis, train and
-held-out accuracy (with its standard error) on the right.
+held-out accuracy (with its standard error) on the right. DPO: the implicit-reward accuracy on the left, and
+online each round's best-of-n and worst-of-n reward as steps over the round's span on the right.
 """
 
 from __future__ import annotations
 
 from rlhf_trainer import contract as c
 
-from . import stats
+from . import stats, summary
 
 RAW = {"s": 10, "alpha": 0.35}
 
@@ -73,6 +74,30 @@ def _reward_model(ax, rows: list[dict], eval_se: float | None) -> str:
     return note
 
 
+def _dpo(ax, rows: list[dict]) -> str:
+    xs, ys = _points(rows, c.M_DPO_REWARD_ACCURACY)
+    _raw_and_smooth(ax, xs, ys, "tab:green", "implicit-reward accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.axhline(0.5, color="black", linewidth=0.6, linestyle=":")
+    ax.set_ylabel("implicit-reward accuracy", color="tab:green")
+    rounds = summary.dpo_rounds(rows)
+    if not rounds:
+        return f"accuracy {ys[-1]:.2f}" if ys else ""
+    rew_ax = ax.twinx()
+    for r in rounds:
+        span = [row["step"] for row in rows if row.get(c.M_DPO_ROUND) == r["round"]]
+        for key, color, label in (("best_reward_mean", "tab:blue", "best of n"),
+                                  ("worst_reward_mean", "tab:red", "worst of n")):
+            if r[key] is not None:
+                rew_ax.hlines(r[key], min(span), max(span), colors=color, linewidth=2,
+                              label=label if r is rounds[0] else None)
+        rew_ax.axvline(min(span), color="gray", linewidth=0.5, linestyle="--")
+    rew_ax.set_ylabel("reward of the round's samples")
+    rew_ax.legend(fontsize=7, loc="lower right")
+    best = [r["best_reward_mean"] for r in rounds if r["best_reward_mean"] is not None]
+    return "best-of-n reward by round " + " → ".join(f"{b:.2f}" for b in best) if best else ""
+
+
 def _sft(ax, rows: list[dict]) -> str:
     xs, ys = _points(rows, c.M_LOSS)
     _raw_and_smooth(ax, xs, ys, "tab:gray", "train loss")
@@ -90,13 +115,15 @@ def plot_curves(series: dict[str, list[dict]], kinds: dict[str, str], path, eval
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in series if kinds.get(n) in ("SFTJob", "RewardModelJob", "PPOJob")]
+    names = [n for n in series if kinds.get(n) in ("SFTJob", "RewardModelJob", "PPOJob", "DPOJob")]
     cols = max(len(names), 1)
     fig, axes = plt.subplots(1, cols, figsize=(5.5 * cols, 4.2), squeeze=False)
     for ax, name in zip(axes[0], names, strict=False):
         kind, rows = kinds[name], series[name]
         if kind == "PPOJob":
             note = _ppo(ax, rows)
+        elif kind == "DPOJob":
+            note = _dpo(ax, rows)
         elif kind == "RewardModelJob":
             note = _reward_model(ax, rows, eval_se)
         else:

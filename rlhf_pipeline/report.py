@@ -6,7 +6,8 @@ import json
 import textwrap
 from typing import Any
 
-KEY_METRIC = {"SFTJob": ("loss", "loss"), "RewardModelJob": ("accuracy", "acc"), "PPOJob": ("reward", "reward")}
+KEY_METRIC = {"SFTJob": ("loss", "loss"), "RewardModelJob": ("accuracy", "acc"), "PPOJob": ("reward", "reward"),
+              "DPOJob": ("rewardAccuracy", "acc")}
 
 
 def fmt(v: Any) -> str:
@@ -32,7 +33,7 @@ def job_row(obj: dict) -> list[str]:
     return [
         f"{kind}/{name}",
         st.get("phase") or "Pending",
-        f"{fmt(step)}/{fmt(total)}" if step is not None else "-",
+        prog.get("summary") or (f"{fmt(step)}/{fmt(total)}" if step is not None else "-"),  # DPO: with the round
         f"{label}={fmt(metric)}" if metric is not None else "-",
         " ".join(note.split()),
     ]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job: SFT -> reward model -> PPO through the operator, on the embedded cluster
+# The main job: SFT -> reward model -> PPO (or -> online DPO rounds with --pipeline dpo) through the operator, on the embedded cluster
 # (or on the cluster $KUBECONFIG points at). Extra arguments go to `python -m rlhf_pipeline run`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,13 +28,18 @@ What it needs: Debian bookworm (or a derivative) with python3 and root or sudo f
 time; network access the first time only; 2+ CPU cores, ~6 GiB free memory, ~10 GiB disk. No GPU.
 
 Options (passed to `python -m rlhf_pipeline run`):
+  --pipeline ppo|dpo     ppo (default): the pipeline above; dpo: SFT and the reward model as above, then
+                         DPOJob harmless-dpo (examples/pipeline-dpo/): 3 online iterative DPO rounds, each
+                         sampling n responses per prompt, scoring them with the reward model and training
+                         on the best and worst of each; the summary shows per round the best-of-n and
+                         worst-of-n reward and the implicit-reward accuracy (out/pipeline-dpo/)
   --data PATH            HH-RLHF pairs JSONL (default ../shared/data/hh-rlhf-harmless/pairs.jsonl,
                          or $RLHF_DEMO_DATA)
   --set KIND/NAME:PATH=VALUE
                          override a manifest field (repeatable), e.g.
                          --set PPOJob/harmless-ppo:spec.training.maxSteps=10
-  --examples DIR         directory of job manifests (default examples/pipeline)
-  --out DIR              where the summary, chart and logs go (default out/pipeline)
+  --examples DIR         directory of job manifests (default examples/pipeline, or examples/pipeline-dpo)
+  --out DIR              where the summary, chart and logs go (default out/pipeline, or out/pipeline-dpo)
   --namespace NAME       namespace of the jobs (default rlhf-demo; recreated each run)
   --cpus N               CPUs the embedded node offers (default: this machine's cores)
   --gpus N               GPUs the embedded node advertises (default 2)

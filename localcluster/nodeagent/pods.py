@@ -17,12 +17,12 @@ import signal
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from .addresses import HOST_IP
+from .addresses import HOST_IP, AddressPool, GpuPool
 from .dns import pod_hostname
 from .env import ContainerConfigError, PodContext, command_line, resolve_env
-from .kube import STRATEGIC_PATCH, ApiError, path_for
+from .kube import STRATEGIC_PATCH, ApiError, Kube, path_for
 from .node import GPU
 from .processes import ContainerProcess
 from .quantity import parse_quantity
@@ -31,7 +31,8 @@ from .status import ContainerState, backoff_seconds, pod_phase, pod_status, shou
 from .volumes import Mount, Volume, VolumeBuilder, VolumeError, container_mounts, runtime_paths
 
 if TYPE_CHECKING:
-    from .agent import Agent
+    from .cgroups import Cgroup
+    from .storage import Provisioner
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +76,36 @@ def was_started(pod: dict) -> bool:
     return False
 
 
+class PodHost(Protocol):
+    """What a pod worker needs from the node agent that runs it (agent.Agent is one): the API client, the node's
+    address and GPU pools, claims, per-pod paths, ConfigMap/Secret lookups, events and the agent's bookkeeping.
+    Passed in, so that this module does not import the agent."""
+
+    kube: Kube
+    addresses: AddressPool
+    provisioner: Provisioner
+    base_env: dict[str, str]
+    shared_cache: str
+    default_workdir: str
+
+    def pod_dir(self, uid: str) -> str: ...
+    def log_path(self, namespace: str, pod: str, container: str) -> str: ...
+    def container_cgroup(self, name: str, memory_limit: int | None) -> Cgroup | None: ...
+    def name_files(self, pod: dict, pod_ip: str, run_dir: str) -> list[Mount]: ...
+    def gpu_pool(self, node: str) -> GpuPool: ...
+    def get_configmap(self, namespace: str, name: str) -> dict | None: ...
+    def get_secret(self, namespace: str, name: str) -> dict | None: ...
+    def configmap_data(self, namespace: str, name: str) -> dict[str, str] | None: ...
+    def secret_data(self, namespace: str, name: str) -> dict[str, str] | None: ...
+    def emit(self, pod: dict, reason: str, message: str, warning: bool = False,
+             container: str | None = None) -> None: ...
+    def worker_finished(self, worker: PodWorker) -> list[tuple]: ...
+    def finalize_deleted_pod(self, pod: dict) -> None: ...
+
+
 class PodWorker:
-    def __init__(self, agent: Agent, pod: dict):
-        self.agent = agent
+    def __init__(self, host: PodHost, pod: dict):
+        self.host = host
         self.pod = pod
         md, spec = pod["metadata"], pod["spec"]
         self.uid, self.namespace, self.name = md["uid"], md["namespace"], md["name"]
@@ -89,7 +117,7 @@ class PodWorker:
         self.procs: dict[str, ContainerProcess] = {}
         self.due: dict[str, float] = {}  # container -> monotonic time it may (re)start
         self.events: queue.Queue = queue.Queue()
-        self.pod_dir = agent.pod_dir(self.uid)
+        self.pod_dir = host.pod_dir(self.uid)
         self.run_dir = os.path.join(self.pod_dir, "run")
         self.volumes: dict[str, Volume] | None = None
         self.pod_ip = ""
@@ -139,10 +167,10 @@ class PodWorker:
         if spec.get("hostNetwork"):
             self.pod_ip = HOST_IP
         else:
-            self.pod_ip = self.agent.addresses.allocate(preferred=status.get("podIP"))
+            self.pod_ip = self.host.addresses.allocate(preferred=status.get("podIP"))
         n = max([sum(gpu_count(self.specs[c.name]) for c in self.main)] +
                 [gpu_count(self.specs[c.name]) for c in self.init])
-        self.gpus = self.agent.gpu_pool(self.node).allocate(n) if n else []
+        self.gpus = self.host.gpu_pool(self.node).allocate(n) if n else []
         if len(self.gpus) < n:
             log.warning("pod %s/%s wants %d GPU(s) but only %s are free on %s", self.namespace, self.name, n,
                         self.gpus, self.node)
@@ -151,7 +179,7 @@ class PodWorker:
             elapsed = max(0.0, time.time() - self.start_time)
             self.deadline = time.monotonic() + float(spec["activeDeadlineSeconds"]) - elapsed
         os.makedirs(self.run_dir, exist_ok=True)
-        self.name_mounts = self.agent.name_files(self.pod, self.pod_ip, self.run_dir)
+        self.name_mounts = self.host.name_files(self.pod, self.pod_ip, self.run_dir)
 
     def _loop(self) -> None:
         setup_due = 0.0
@@ -223,8 +251,8 @@ class PodWorker:
         return PodContext(self.pod, self.pod_ip, HOST_IP)
 
     def _setup_volumes(self) -> bool:
-        builder = VolumeBuilder(self.pod_dir, self.agent.get_configmap, self.agent.get_secret,
-                                self.agent.provisioner.claim_directory)
+        builder = VolumeBuilder(self.pod_dir, self.host.get_configmap, self.host.get_secret,
+                                self.host.provisioner.claim_directory)
         try:
             self.volumes = builder.build(self._context())
             return True
@@ -236,7 +264,7 @@ class PodWorker:
         for c in self.init + self.main:
             if c.state == "waiting":
                 if (c.reason, c.message) != (reason, message):
-                    self.agent.emit(self.pod, event_reason, message, warning=True)
+                    self.host.emit(self.pod, event_reason, message, warning=True)
                 c.reason, c.message = reason, message
 
     def _start_due(self) -> None:
@@ -252,7 +280,7 @@ class PodWorker:
                 self._start(c)
 
     def _base_env(self, container: dict) -> dict[str, str]:
-        env = dict(self.agent.base_env)
+        env = dict(self.host.base_env)
         env["HOSTNAME"] = pod_hostname(self.pod)
         mine = self._container_gpus(container)
         env["NVIDIA_VISIBLE_DEVICES"] = ",".join(map(str, mine)) or "void"
@@ -276,7 +304,7 @@ class PodWorker:
         spec = self.specs[c.name]
         try:
             env = self._base_env(spec)
-            env.update(resolve_env(spec, self._context(), self.agent.configmap_data, self.agent.secret_data))
+            env.update(resolve_env(spec, self._context(), self.host.configmap_data, self.host.secret_data))
             argv = command_line(spec, env)
             mounts = container_mounts(spec, self.volumes or {}, env)
             security = {**container_security(self.pod, spec), "expose": runtime_paths()}
@@ -285,23 +313,23 @@ class PodWorker:
             limit = memory_limit(spec)
         except (ContainerConfigError, VolumeError, ApiError) as e:
             if (c.reason, c.message) != ("CreateContainerConfigError", str(e)):  # one event per distinct error
-                self.agent.emit(self.pod, "Failed", f"Error: {e}", warning=True, container=c.name)
+                self.host.emit(self.pod, "Failed", f"Error: {e}", warning=True, container=c.name)
             c.reason, c.message = "CreateContainerConfigError", str(e)
             self.due[c.name] = time.monotonic() + RETRY_SETUP_SECONDS
             self.status_dirty = True
             return
-        if self.agent.shared_cache:
-            mounts.append(Mount(self.agent.shared_cache, self.agent.shared_cache, False, False))
+        if self.host.shared_cache:
+            mounts.append(Mount(self.host.shared_cache, self.host.shared_cache, False, False))
         mounts.extend(self.name_mounts)
         term_path = os.path.join(self.run_dir, f"{c.name}.termination-log")
         mounts.append(Mount(term_path, spec.get("terminationMessagePath") or DEFAULT_TERMINATION_PATH, False, True))
-        log_path = self.agent.log_path(self.namespace, self.name, c.name)
+        log_path = self.host.log_path(self.namespace, self.name, c.name)
         fresh_log_for_pod(log_path, self.uid)
         cgroup = None
         try:
-            cgroup = self.agent.container_cgroup(f"{self.uid}-{c.name}-{uuid.uuid4().hex[:8]}", limit)
+            cgroup = self.host.container_cgroup(f"{self.uid}-{c.name}-{uuid.uuid4().hex[:8]}", limit)
             rlimit = limit if cgroup is None and not gpu_count(spec) else None  # CUDA maps huge address ranges
-            proc = ContainerProcess(self.run_dir, c.name, argv, env, spec.get("workingDir") or self.agent.default_workdir,
+            proc = ContainerProcess(self.run_dir, c.name, argv, env, spec.get("workingDir") or self.host.default_workdir,
                                     [m.to_json() for m in mounts], log_path, security, cgroup, rlimit)
         except OSError as e:
             if cgroup is not None:
@@ -319,7 +347,7 @@ class PodWorker:
         self.due.pop(c.name, None)
         self.status_dirty = True
         proc.wait_in_thread(lambda p: self.events.put(("exit", p)))
-        self.agent.emit(self.pod, "Started", f"Started container {c.name} (pid {proc.pid})", container=c.name)
+        self.host.emit(self.pod, "Started", f"Started container {c.name} (pid {proc.pid})", container=c.name)
 
     def _on_exit(self, proc: ContainerProcess) -> None:
         if self.procs.get(proc.name) is not proc:
@@ -343,7 +371,7 @@ class PodWorker:
             c.state, c.reason = "waiting", "CrashLoopBackOff"
             c.message = f"back-off {delay:g}s restarting failed container={c.name} pod={self.name}"
             self.due[c.name] = time.monotonic() + delay
-            self.agent.emit(self.pod, "BackOff", "Back-off restarting failed container", warning=True,
+            self.host.emit(self.pod, "BackOff", "Back-off restarting failed container", warning=True,
                             container=c.name)
 
     # -- stopping --------------------------------------------------------------------------
@@ -363,7 +391,7 @@ class PodWorker:
         if not self.procs:
             return
         for name, proc in list(self.procs.items()):
-            self.agent.emit(self.pod, "Killing", f"Stopping container {name}", container=name)
+            self.host.emit(self.pod, "Killing", f"Stopping container {name}", container=name)
             proc.signal(signal.SIGTERM)
         deadline = time.monotonic() + grace
         while self.procs and time.monotonic() < deadline:
@@ -386,7 +414,7 @@ class PodWorker:
             body = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0,
                     "preconditions": {"uid": self.uid}}
             try:
-                self.agent.kube.delete(path_for("v1", "pods", self.namespace, self.name), body)
+                self.host.kube.delete(path_for("v1", "pods", self.namespace, self.name), body)
             except ApiError as e:
                 if e.status != 409:  # 409: a newer pod of the same name; ours is gone already
                     log.warning("pod %s/%s: final delete failed: %s", self.namespace, self.name, e)
@@ -409,7 +437,7 @@ class PodWorker:
             self.status_dirty = False
             return phase
         try:
-            self.pod = self.agent.kube.patch(path_for("v1", "pods", self.namespace, self.name, "status"),
+            self.pod = self.host.kube.patch(path_for("v1", "pods", self.namespace, self.name, "status"),
                                              {"metadata": {"uid": self.uid}, "status": status}, kind=STRATEGIC_PATCH)
             self.last_status = status
             self.status_dirty = False
@@ -457,17 +485,17 @@ class PodWorker:
     # -- cleanup ---------------------------------------------------------------------------
     def _release_gpus(self) -> None:
         if self.gpus:
-            self.agent.gpu_pool(self.node).release(self.gpus)
+            self.host.gpu_pool(self.node).release(self.gpus)
             self.gpus = []
 
     def _finish(self) -> None:
         self._kill_all()
-        leftovers = self.agent.worker_finished(self)
+        leftovers = self.host.worker_finished(self)
         for event in leftovers:
             if event[0] == "delete" and not self.gone:
-                self.agent.finalize_deleted_pod(event[1])
+                self.host.finalize_deleted_pod(event[1])
         if self.pod_ip != HOST_IP:
-            self.agent.addresses.release(self.pod_ip)
+            self.host.addresses.release(self.pod_ip)
         self._release_gpus()
         shutil.rmtree(self.pod_dir, ignore_errors=True)
 

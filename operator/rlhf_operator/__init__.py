@@ -1,3 +1,3 @@
-"""Kopf operator reconciling SFTJob, RewardModelJob and PPOJob into trainer pods."""
+"""Kopf operator reconciling SFTJob, RewardModelJob, PPOJob and DPOJob into trainer pods."""
 
 __version__ = "0.1.0"

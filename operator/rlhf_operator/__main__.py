@@ -57,7 +57,7 @@ settings (environment variables; the Helm chart sets them, the options above ove
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m rlhf_operator",
-        description="Run the RLHF operator: reconcile SFTJob, RewardModelJob and PPOJob resources.",
+        description="Run the RLHF operator: reconcile SFTJob, RewardModelJob, PPOJob and DPOJob resources.",
         epilog=SETTINGS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("-n", "--namespace", action="append", default=[], metavar="NS",

@@ -16,13 +16,14 @@ from rlhf_trainer import config as tc
 from rlhf_trainer import contract
 
 from rlhf_operator import jobspec, names, ppo_spec
-from rlhf_operator.crd_schema import API_VERSION, KINDS, camel
+from rlhf_operator.crd_schema import API_VERSION, DEFAULT_SAVE_GRACE_SECONDS, KINDS, camel, spec_path
 from rlhf_operator.settings import Settings
 
 LABEL_JOB = "rlhf.io/job"
 LABEL_KIND = "rlhf.io/kind"
 LABEL_STAGE = "rlhf.io/stage"
 LABEL_ATTEMPT = "rlhf.io/attempt"
+LABEL_RANK = "rlhf.io/rank"  # a multi-node job's pod: its node rank
 LABEL_JOB_UID = "rlhf.io/job-uid"  # which job created the object: a retained claim has no owner reference
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGER = "rlhf-operator"
@@ -33,7 +34,9 @@ CLAIMS_MOUNT = "/mnt/claims"
 CONFIGMAPS_MOUNT = "/mnt/configmaps"
 CONFIG_PATH = posixpath.join(tc.CONFIG_MOUNT_DIR, tc.CONFIG_FILE_NAME)
 GPU_RESOURCE = "nvidia.com/gpu"
-TERMINATION_GRACE_SECONDS = 120  # the trainer writes a checkpoint on SIGTERM
+GANG_GATE = "rlhf.io/gang"  # a multi-node job's pods wait behind it until the whole gang may start (policies.gang)
+RENDEZVOUS_PORT = 29500  # torchrun's store on rank 0 (each pod has its own network namespace)
+TORCHRUN_SHUTDOWN_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"  # torchrun: seconds from SIGTERM to SIGKILL of its workers
 SCRATCH_MOUNT = "/tmp"
 # Trainer pods run with a read-only root filesystem: HOME and every cache go to the /tmp emptyDir
 # (the same values as the trainer image's ENV; a job's spec.env may set its own).
@@ -201,6 +204,9 @@ def trainer_config_dict(job: dict[str, Any], settings: Settings) -> tuple[dict[s
             ppo["rewards"], volumes = ppo_spec.render_reward(spec["reward"])
             mounts += [Mount(volume, path) for volume, path in volumes]
         cfg["ppo"] = ppo
+    elif kind == "DPOJob":
+        cfg["dpo"], ms = _dpo_section(spec)
+        mounts += ms
     else:
         cfg["model"], ms = resolve_model(kind, "model", spec.get("model") or {})
         mounts += ms
@@ -217,19 +223,22 @@ def trainer_config_dict(job: dict[str, Any], settings: Settings) -> tuple[dict[s
     return cfg, list(unique.values())
 
 
-_FIELD_PATHS = {
-    "ppo.actor": "spec.actor", "ppo.reward_model": "spec.rewardModel", "ppo.critic": "spec.critic",
-    "ppo.reference": "spec.reference", "ppo.ptx_dataset": "spec.ptxDataset", "ppo.rewards": "spec.reward",
-}
-
-
-def spec_path(config_path: str) -> str:
-    """A trainer config field path (`training.batch_size`) -> the CRD field (`spec.training.batchSize`)."""
-    for prefix, target in _FIELD_PATHS.items():
-        if config_path == prefix or config_path.startswith(prefix + "."):
-            rest = config_path[len(prefix):]
-            return target + ".".join(camel(p) for p in rest.split("."))
-    return "spec." + ".".join(camel(p) for p in config_path.split("."))
+def _dpo_section(spec: dict[str, Any]) -> tuple[dict[str, Any], list[Mount]]:
+    """spec.dpo, spec.policy, spec.reference and spec.online -> the trainer's ``dpo`` section and its volumes."""
+    dpo = _snake_section(tc.DPOConfig, spec.get("dpo"))
+    mounts: list[Mount] = []
+    for role in ("policy", "reference"):
+        if isinstance(spec.get(role), dict):
+            dpo[role], ms = resolve_model("DPOJob", role, spec[role], f"dpo.{role}")
+            mounts += ms
+    online = spec.get("online")
+    if isinstance(online, dict):
+        dpo["online"] = _snake_section(tc.DPOOnlineConfig, {k: v for k, v in online.items() if k != "rewardModel"})
+        if isinstance(online.get("rewardModel"), dict):
+            dpo["online"]["reward_model"], ms = resolve_model("DPOJob", "online.rewardModel", online["rewardModel"],
+                                                              "dpo.online.reward_model")
+            mounts += ms
+    return dpo, mounts
 
 
 def render_config(job: dict[str, Any], settings: Settings) -> tuple[tc.TrainerConfig, list[Mount]]:
@@ -282,16 +291,50 @@ def build_pvc(job: dict[str, Any], settings: Settings) -> dict[str, Any]:
     }
 
 
-def trainer_command(stage: str, gpus: int, settings: Settings) -> list[str]:
+def save_grace_seconds(spec: dict[str, Any]) -> int:
+    """spec.checkpoint.saveGraceSeconds: the pods' termination grace (the trainer checkpoints on SIGTERM)."""
+    return int((spec.get("checkpoint") or {}).get("saveGraceSeconds", DEFAULT_SAVE_GRACE_SECONDS))
+
+
+def nodes_of(spec: dict[str, Any]) -> int:
+    """spec.resources.nodes: the pods of one attempt."""
+    return int((spec.get("resources") or {}).get("nodes", 1) or 1)
+
+
+def rendezvous_host(kind: str, job: str, namespace: str) -> str:
+    """Rank 0's DNS name under the job's headless Service (namespace-qualified: no search path needed)."""
+    return f"{names.worker_hostname(kind, job, 0)}.{names.service_name(kind, job)}.{namespace}.svc"
+
+
+def trainer_command(stage: str, gpus: int, settings: Settings, nodes: int = 1, rank: int = 0,
+                    master: str = "") -> list[str]:
+    """One process per GPU (at least one); several nodes: torchrun with static rendezvous on rank 0's `master`
+    address - node rank r is fixed by its pod, and rank 0 hosts the store, as in a PyTorchJob."""
     tail = [stage, "--config", CONFIG_PATH]
     if settings.trainer_command:
         return [*settings.trainer_command, *tail]
+    if nodes > 1:
+        return ["torchrun", f"--nnodes={nodes}", f"--node-rank={rank}", f"--nproc-per-node={max(gpus, 1)}",
+                f"--master-addr={master}", f"--master-port={RENDEZVOUS_PORT}", "--max-restarts=0",
+                "-m", "rlhf_trainer", *tail]
     if gpus > 1:
         return ["torchrun", "--standalone", "--nnodes=1", f"--nproc_per_node={gpus}", "-m", "rlhf_trainer", *tail]
     return ["python", "-m", "rlhf_trainer", *tail]
 
 
-def _env(job: dict[str, Any]) -> list[dict[str, Any]]:
+def distributed_env(nodes: int, rank: int, gpus: int, master: str) -> list[dict[str, Any]]:
+    """The PyTorchJob conventions: MASTER_ADDR/PORT, WORLD_SIZE (processes), RANK and NODE_RANK (this pod's node
+    rank) and torchrun's PET_* defaults, so any command in the pod can join the job's process group."""
+    per_node = max(gpus, 1)
+    values = {
+        "MASTER_ADDR": master, "MASTER_PORT": str(RENDEZVOUS_PORT), "WORLD_SIZE": str(nodes * per_node),
+        "RANK": str(rank), "NODE_RANK": str(rank), "PET_NNODES": str(nodes), "PET_NODE_RANK": str(rank),
+        "PET_NPROC_PER_NODE": str(per_node), "PET_MASTER_ADDR": master, "PET_MASTER_PORT": str(RENDEZVOUS_PORT),
+    }
+    return [{"name": k, "value": v} for k, v in values.items()]
+
+
+def _env(job: dict[str, Any], rank: int | None = None) -> list[dict[str, Any]]:
     m = job["metadata"]
     field = lambda path: {"valueFrom": {"fieldRef": {"fieldPath": path}}}  # noqa: E731
     env = [
@@ -306,8 +349,15 @@ def _env(job: dict[str, Any]) -> list[dict[str, Any]]:
     if ((job.get("spec") or {}).get("resources") or {}).get("cpu") is not None:  # the trainer's torch threads
         env.append({"name": contract.ENV_CPU_REQUEST, "valueFrom": {"resourceFieldRef": {
             "containerName": CONTAINER, "resource": "requests.cpu", "divisor": "1"}}})
-    user = [dict(v) for v in (job.get("spec") or {}).get("env") or []]
+    spec = job.get("spec") or {}
+    nodes, gpus = nodes_of(spec), (spec.get("resources") or {}).get("gpus", 1)
+    if rank is not None and nodes > 1:
+        env += distributed_env(nodes, rank, gpus, rendezvous_host(job["kind"], m["name"], m["namespace"]))
+    user = [dict(v) for v in spec.get("env") or []]
     user_names = {v.get("name") for v in user}
+    if (gpus > 1 or nodes > 1) and TORCHRUN_SHUTDOWN_ENV not in user_names:
+        # torchrun SIGKILLs its workers 30 s after passing on SIGTERM unless told otherwise: a long save needs the grace
+        env.append({"name": TORCHRUN_SHUTDOWN_ENV, "value": str(save_grace_seconds(spec))})
     scratch = [{"name": k, "value": v} for k, v in SCRATCH_ENV.items() if k not in user_names]
     return env + scratch + user
 
@@ -331,6 +381,40 @@ def _resources(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def build_service(job: dict[str, Any]) -> dict[str, Any]:
+    """A multi-node job's headless Service: DNS names `<worker hostname>.<service>` for its pods. Not-ready
+    addresses are published, so rank 0's name resolves as soon as its pod has an address."""
+    kind, m = job["kind"], job["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(job, names.service_name(kind, m["name"])),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {LABEL_JOB_UID: m["uid"]},
+            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT,
+                       "protocol": "TCP"}],
+        },
+    }
+
+
+def build_pods(
+    job: dict[str, Any],
+    settings: Settings,
+    attempt: int,
+    restart_count: int,
+    config_digest: str,
+    inputs: list[Mount],
+) -> list[dict[str, Any]]:
+    """The pods of one attempt: the one trainer pod, or (resources.nodes > 1) one per rank, each behind the
+    gang's scheduling gate (policies.gang removes it from all of them together)."""
+    nodes = nodes_of(job.get("spec") or {})
+    if nodes <= 1:
+        return [build_pod(job, settings, attempt, restart_count, config_digest, inputs)]
+    return [build_pod(job, settings, attempt, restart_count, config_digest, inputs, rank) for rank in range(nodes)]
+
+
 def build_pod(
     job: dict[str, Any],
     settings: Settings,
@@ -338,14 +422,18 @@ def build_pod(
     restart_count: int,
     config_digest: str,
     inputs: list[Mount],
+    rank: int | None = None,
 ) -> dict[str, Any]:
-    """The trainer pod of one attempt. No API credentials: the operator scrapes progress from
-    the pod's metrics port instead of the pod writing status."""
+    """The trainer pod of one attempt (`rank`: of one node of a multi-node job). No API credentials: the
+    operator scrapes progress from the pod's metrics port instead of the pod writing status."""
     kind, name, spec = job["kind"], job["metadata"]["name"], job.get("spec") or {}
     gpus = (spec.get("resources") or {}).get("gpus", 1)
+    nodes = nodes_of(spec) if rank is not None else 1
     sched = spec.get("scheduling") or {}
-    meta = _meta(job, names.pod_name(kind, name, attempt))
+    meta = _meta(job, names.pod_name(kind, name, attempt, rank if nodes > 1 else None))
     meta["labels"].update({LABEL_ATTEMPT: str(attempt), "app.kubernetes.io/name": "rlhf-trainer"})
+    if nodes > 1:
+        meta["labels"][LABEL_RANK] = str(rank)
     meta["annotations"] = {ANN_RESTART_COUNT: str(restart_count), ANN_CONFIG_HASH: config_digest}
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": names.configmap_name(kind, name)}},
@@ -370,8 +458,9 @@ def build_pod(
         "name": CONTAINER,
         "image": spec.get("image") or settings.trainer_image,
         "imagePullPolicy": "IfNotPresent",
-        "command": trainer_command(KINDS[kind].stage, gpus, settings),
-        "env": _env(job),
+        "command": trainer_command(KINDS[kind].stage, gpus, settings, nodes, rank or 0,
+                                   rendezvous_host(kind, name, job["metadata"]["namespace"]) if nodes > 1 else ""),
+        "env": _env(job, rank),
         "ports": [{"name": "metrics", "containerPort": settings.trainer_metrics_port, "protocol": "TCP"}],
         "resources": _resources(spec),
         "volumeMounts": mounts,
@@ -383,7 +472,7 @@ def build_pod(
         "restartPolicy": "Never",  # the operator replaces failed pods so it can count and resume
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "terminationGracePeriodSeconds": save_grace_seconds(spec),  # the trainer writes a checkpoint on SIGTERM
         "securityContext": dict(settings.trainer_pod_security_context),
         "containers": [container],
         "volumes": volumes,
@@ -393,5 +482,10 @@ def build_pod(
     for key in ("nodeSelector", "affinity", "priorityClassName"):
         if sched.get(key):
             pod_spec[key] = sched[key]
+    if nodes > 1:  # a stable DNS name per rank, and held until the whole gang exists (policies.gang)
+        pod_spec["hostname"] = names.worker_hostname(kind, name, rank or 0)
+        pod_spec["subdomain"] = names.service_name(kind, name)
+        pod_spec["schedulingGates"] = [{"name": GANG_GATE}]
+        container["ports"].append({"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"})
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
 

@@ -43,35 +43,45 @@ class Kind:
 SFT = Kind("SFTJob", "sftjobs", "sftjob", "sft", "sft")
 REWARD = Kind("RewardModelJob", "rewardmodeljobs", "rewardmodeljob", "rmj", "reward")
 PPO = Kind("PPOJob", "ppojobs", "ppojob", "ppo", "ppo")
-KINDS: dict[str, Kind] = {k.kind: k for k in (SFT, REWARD, PPO)}
+DPO = Kind("DPOJob", "dpojobs", "dpojob", "dpo", "dpo")
+KINDS: dict[str, Kind] = {k.kind: k for k in (SFT, REWARD, PPO, DPO)}
 
 # Which kinds a `fromJob` may name, per role; the first is the default when `kind` is omitted.
 FROM_JOB_KINDS: dict[tuple[str, str], tuple[str, ...]] = {
     ("SFTJob", "model"): ("SFTJob", "PPOJob"),
     ("RewardModelJob", "model"): ("SFTJob", "RewardModelJob"),
-    ("PPOJob", "actor"): ("SFTJob", "PPOJob"),
-    ("PPOJob", "reference"): ("SFTJob", "PPOJob"),
+    ("PPOJob", "actor"): ("SFTJob", "PPOJob", "DPOJob"),
+    ("PPOJob", "reference"): ("SFTJob", "PPOJob", "DPOJob"),
     ("PPOJob", "rewardModel"): ("RewardModelJob",),
     ("PPOJob", "critic"): ("RewardModelJob",),
+    ("DPOJob", "policy"): ("SFTJob", "DPOJob", "PPOJob"),
+    ("DPOJob", "reference"): ("SFTJob", "DPOJob", "PPOJob"),
+    ("DPOJob", "online.rewardModel"): ("RewardModelJob",),  # a nested role: spec.online.rewardModel
 }
 MODEL_ROLES: dict[str, tuple[str, ...]] = {
     "SFTJob": ("model",),
     "RewardModelJob": ("model",),
     "PPOJob": ("actor", "rewardModel", "critic", "reference"),
+    "DPOJob": ("policy", "reference", "online.rewardModel"),
 }
 # Roles a job cannot run without (critic and reference have defaults in the trainer).
 REQUIRED_ROLES: dict[str, tuple[str, ...]] = {
     "SFTJob": ("model",),
     "RewardModelJob": ("model",),
     "PPOJob": ("actor",),  # the reward may come from spec.reward instead of a reward model
+    "DPOJob": ("policy",),  # online rounds may score with online.rewardFn instead of a reward model
 }
 
 PHASES = ("Pending", "Waiting", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
 CONDITION_TYPES = (
     "Created", "WaitingForDependencies", "PodScheduled", "Running", "Restarting", "Suspended", "Succeeded", "Failed",
-    "SpecChangeRefused", "StatusRejected",
+    "SpecChangeRefused", "StatusRejected", "Queued",
 )
 DEFAULT_BACKOFF_LIMIT = 3
+# Multi-node jobs: pods per job, and the bounds of the gang's wait and of the checkpoint save on SIGTERM.
+MAX_NODES = 64
+DEFAULT_GANG_TIMEOUT_SECONDS, MAX_GANG_TIMEOUT_SECONDS = 600, 24 * 3600
+DEFAULT_SAVE_GRACE_SECONDS, MAX_SAVE_GRACE_SECONDS = 120, 6 * 3600
 QUANTITY_PATTERN = (r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
                     r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
 
@@ -91,86 +101,35 @@ CONFIGMAP_KEY_PATTERN = r"^\.?[-_a-zA-Z0-9][-._a-zA-Z0-9]*$"
 _SEGMENT = r"([^/.][^/]*|\.[^/.][^/]*|\.\.[^/]+|\.)?"
 PATH_PATTERN = f"^{_SEGMENT}(/{_SEGMENT})*$"
 
-# Upper bounds: far above any real run, low enough that derived values (status.progress.totalSteps,
-# deadlines as datetimes) stay representable; an int64 there locked a job's status for good.
-MAX_STEPS = 10_000_000
-MAX_BATCH = 65_536
-MAX_TOKENS = 1_048_576
-MAX_SAMPLES = 1_000_000_000
-MAX_SEED = 2**32 - 1  # numpy's seed range
-MAX_SECONDS = 10 * 365 * 24 * 3600
-MAX_COEF = 1_000.0
-
-# Bounds of the trainer options in the schema, so a bad value is refused at apply time with the field
-# named. The minimums are the ones the trainer enforces (rlhf_trainer.config.validate); the maximums live
-# only here (the trainer accepts any size when run by hand). Keys are (dataclass, field) in the trainer's
-# snake_case; a test checks they all exist and that every number in a spec is bounded.
-BOUNDS: dict[tuple[type, str], dict[str, Any]] = {
-    (tc.TrainingConfig, "max_steps"): {"minimum": 0, "maximum": MAX_STEPS},
-    (tc.TrainingConfig, "epochs"): {"minimum": 0, "exclusiveMinimum": True, "maximum": 10_000},
-    (tc.TrainingConfig, "batch_size"): {"minimum": 1, "maximum": MAX_BATCH},
-    (tc.TrainingConfig, "gradient_accumulation_steps"): {"minimum": 1, "maximum": MAX_BATCH},
-    (tc.TrainingConfig, "learning_rate"): {"minimum": 0, "maximum": 10},
-    (tc.TrainingConfig, "weight_decay"): {"minimum": 0, "maximum": 10},
-    (tc.TrainingConfig, "warmup_steps"): {"minimum": 0, "maximum": MAX_STEPS},
-    (tc.TrainingConfig, "max_grad_norm"): {"minimum": 0, "maximum": 1e6},
-    (tc.TrainingConfig, "max_length"): {"minimum": 8, "maximum": MAX_TOKENS},
-    (tc.TrainingConfig, "seed"): {"minimum": 0, "maximum": MAX_SEED},
-    (tc.TrainingConfig, "log_every"): {"minimum": 1, "maximum": MAX_STEPS},
-    (tc.TrainingConfig, "eval_every"): {"minimum": 0, "maximum": MAX_STEPS},
-    (tc.TrainingConfig, "threads"): {"minimum": 0, "maximum": 1024},
-    (tc.TrainingConfig, "max_skipped_steps"): {"minimum": 0, "maximum": MAX_STEPS},
-    (tc.DatasetConfig, "eval_fraction"): {"minimum": 0, "maximum": 1, "exclusiveMaximum": True},
-    (tc.DatasetConfig, "split_seed"): {"minimum": 0, "maximum": MAX_SEED},
-    (tc.DatasetConfig, "max_samples"): {"minimum": 0, "maximum": MAX_SAMPLES},
-    (tc.DatasetConfig, "min_train_samples"): {"minimum": 0, "maximum": MAX_SAMPLES},
-    (tc.DeepSpeedConfig, "zero_stage"): {"minimum": 0, "maximum": 3},
-    (tc.CheckpointConfig, "every_steps"): {"minimum": 0, "maximum": MAX_STEPS},
-    (tc.CheckpointConfig, "keep_last"): {"minimum": 1, "maximum": 1000},
-    (tc.RewardConfig, "margin"): {"minimum": -MAX_COEF, "maximum": MAX_COEF},
-    (tc.PPOConfig, "kl_coef"): {"minimum": 0, "maximum": MAX_COEF},
-    (tc.PPOConfig, "kl_target"): {"minimum": 0, "maximum": MAX_COEF},
-    (tc.PPOConfig, "kl_horizon"): {"minimum": 1, "maximum": MAX_SAMPLES},
-    (tc.PPOConfig, "cliprange"): {"minimum": 0, "maximum": MAX_COEF},
-    (tc.PPOConfig, "cliprange_value"): {"minimum": 0, "maximum": 1e6},
-    (tc.PPOConfig, "vf_coef"): {"minimum": 0, "maximum": MAX_COEF},
-    (tc.PPOConfig, "entropy_coef"): {"minimum": 0, "maximum": MAX_COEF},
-    (tc.PPOConfig, "gamma"): {"minimum": 0, "maximum": 1},
-    (tc.PPOConfig, "lam"): {"minimum": 0, "maximum": 1},
-    (tc.PPOConfig, "reward_clip"): {"minimum": 0, "maximum": 1e6},
-    (tc.PPOConfig, "rollout_batch_size"): {"minimum": 1, "maximum": MAX_BATCH},
-    (tc.PPOConfig, "minibatch_size"): {"minimum": 1, "maximum": MAX_BATCH},
-    (tc.PPOConfig, "ppo_epochs"): {"minimum": 1, "maximum": 1000},
-    (tc.PPOConfig, "max_prompt_length"): {"minimum": 1, "maximum": MAX_TOKENS},
-    (tc.PPOConfig, "max_new_tokens"): {"minimum": 1, "maximum": MAX_TOKENS},
-    (tc.PPOConfig, "temperature"): {"minimum": 0, "exclusiveMinimum": True, "maximum": 100},
-    (tc.PPOConfig, "top_k"): {"minimum": 0, "maximum": 10_000_000},
-    (tc.PPOConfig, "top_p"): {"minimum": 0, "exclusiveMinimum": True, "maximum": 1},
-    (tc.PPOConfig, "ptx_coef"): {"minimum": 0, "maximum": MAX_COEF},
-    (tc.PPOConfig, "critic_learning_rate"): {"minimum": 0, "maximum": 10},
-    (tc.PPOConfig, "samples_per_prompt"): {"minimum": 1, "maximum": 1024},
-    (tc.RewardSourcesConfig, "model_weight"): {"minimum": -MAX_COEF, "maximum": MAX_COEF},
-    (tc.RewardEndpointConfig, "url"): {"pattern": r"^https?://[^\s]+$", "maxLength": 2048},
-    (tc.RewardEndpointConfig, "weight"): {"minimum": -MAX_COEF, "maximum": MAX_COEF},
-    (tc.RewardEndpointConfig, "timeout_seconds"): {"minimum": 0, "exclusiveMinimum": True, "maximum": 3600},
-    (tc.RewardEndpointConfig, "max_retries"): {"minimum": 0, "maximum": 100},
-    (tc.RewardEndpointConfig, "backoff_seconds"): {"minimum": 0, "maximum": 3600},
-    (tc.RewardEndpointConfig, "max_backoff_seconds"): {"minimum": 0, "maximum": 3600},
-    (tc.RewardEndpointConfig, "max_in_flight"): {"minimum": 1, "maximum": 256},
-    (tc.RewardEndpointConfig, "batch_size"): {"minimum": 1, "maximum": MAX_BATCH},
-    (tc.MatchRuleConfig, "weight"): {"minimum": -MAX_COEF, "maximum": MAX_COEF},
-    (tc.LengthRuleConfig, "min_chars"): {"minimum": 0, "maximum": MAX_TOKENS},
-    (tc.LengthRuleConfig, "max_chars"): {"minimum": 0, "maximum": MAX_TOKENS},
-    (tc.LengthRuleConfig, "weight"): {"minimum": -MAX_COEF, "maximum": MAX_COEF},
-    (tc.FormatRuleConfig, "weight"): {"minimum": -MAX_COEF, "maximum": MAX_COEF},
-}
+# Upper bounds of the trainer options live with their fields (rlhf_trainer.config: bounds in each field's
+# metadata, limits such as MAX_STEPS there); Kubernetes-only durations are bounded here.
+MAX_SECONDS = 10 * 365 * 24 * 3600  # deadlines and TTLs stay representable as datetimes
 
 # Trainer fields that the CRD sets some other way (model sources, dataset location, fixed paths).
 SKIPPED_FIELDS: dict[type, tuple[str, ...]] = {
     tc.DatasetConfig: ("path", "hub_id"),
     tc.PPOConfig: ("actor", "reward_model", "critic", "reference", "ptx_dataset", "rewards"),
     tc.RewardEndpointConfig: ("token_file",),  # set by the operator from tokenSecret
+    tc.DPOConfig: ("policy", "reference", "online"),  # spec.policy, spec.reference, spec.online
+    tc.DPOOnlineConfig: ("reward_model",),  # spec.online.rewardModel, a model source
 }
+
+
+# Trainer config sections that a spec sets under another name (the model sources, the reward sources).
+FIELD_PATHS = {
+    "ppo.actor": "spec.actor", "ppo.reward_model": "spec.rewardModel", "ppo.critic": "spec.critic",
+    "ppo.reference": "spec.reference", "ppo.ptx_dataset": "spec.ptxDataset", "ppo.rewards": "spec.reward",
+    "dpo.policy": "spec.policy", "dpo.reference": "spec.reference", "dpo.online": "spec.online",
+}
+
+
+def spec_path(config_path: str) -> str:
+    """A trainer config field path (`training.batch_size`) -> the CRD field (`spec.training.batchSize`)."""
+    for prefix, target in FIELD_PATHS.items():
+        if config_path == prefix or config_path.startswith(prefix + "."):
+            rest = config_path[len(prefix):]
+            return target + ".".join(camel(p) for p in rest.split("."))
+    return "spec." + ".".join(camel(p) for p in config_path.split("."))
 
 
 def _obj(description: str, properties: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
@@ -254,8 +213,13 @@ def field_schema(cls: type, f: dataclasses.Field, tp: Any) -> dict[str, Any]:
         schema = _free(desc)
     else:  # pragma: no cover - a new kind of field needs a mapping here
         raise TypeError(f"{cls.__name__}.{f.name}: no OpenAPI mapping for {tp!r}")
-    schema.update(BOUNDS.get((cls, f.name), {}))
+    schema.update(bounds_of(cls, f))
     return schema
+
+
+def bounds_of(cls: type, f: dataclasses.Field) -> dict[str, Any]:
+    """The field's value rules, from their one home: the field's metadata in rlhf_trainer.config."""
+    return dict(f.metadata.get("bounds") or {})
 
 
 def section_schema(cls: type, description: str) -> dict[str, Any]:
@@ -386,6 +350,14 @@ def resources_schema() -> dict[str, Any]:
                 "with one process per GPU. Allowed: 0, 1, 2, 4 or 8. Default: 1.",
                 minimum=0, maximum=64,
             ),
+            "nodes": _int(
+                "Pods the job runs on, one per node, each with `gpus` GPUs and the cpu and memory below. More than "
+                "one runs torchrun on every pod with rank 0 as the rendezvous (a headless Service gives the pods "
+                "stable DNS names) and gang semantics: the pods start together, and when one fails or is deleted "
+                "all stop and the gang restarts from the latest checkpoint. Needs spec.checkpoint.accessMode "
+                "ReadWriteMany (every pod mounts the claim). Default: 1.",
+                minimum=1, maximum=MAX_NODES, default=1,
+            ),
             "cpu": _quantity("CPU request, e.g. \"4\" or \"500m\"."),
             "memory": _quantity("Memory request and limit, e.g. \"32Gi\"."),
         },
@@ -412,6 +384,12 @@ def scheduling_schema() -> dict[str, Any]:
             "affinity": _free("Pod affinity rules (as in a Pod spec)."),
             "priorityClassName": _str("PriorityClass of the pod; only ones the operator allows "
                                       "(RLHF_ALLOWED_PRIORITY_CLASSES)."),
+            "gangTimeoutSeconds": _int(
+                "Multi-node jobs (resources.nodes > 1): how long the pods may wait, once released, until all of "
+                "them run. Past it the job fails (reason GangTimeout, naming the pod that could not start and why) "
+                "and its pods are deleted, so a partial gang never holds GPUs for longer. Default: 600.",
+                minimum=10, maximum=MAX_GANG_TIMEOUT_SECONDS, default=DEFAULT_GANG_TIMEOUT_SECONDS,
+            ),
         },
     )
 
@@ -450,6 +428,59 @@ def ppo_schema() -> dict[str, Any]:
     )
 
 
+# Row formats of preference pairs (rlhf_trainer.data.formats.PREFERENCE_FORMATS, which needs the trainer's
+# data stack to import): what offline DPO can train on.
+DPO_PAIR_FORMATS = ("auto", "prompt_chosen_rejected", "hh_rlhf", "ranked", "scored")
+
+
+def dpo_model_source_schema(role: str, description: str) -> dict[str, Any]:
+    """A DPOJob model source whose fromJob.kind the schema checks too (a reward model where a policy belongs is
+    refused at apply time, in jobspec's words)."""
+    schema = model_source_schema("DPOJob", role, description)
+    allowed = FROM_JOB_KINDS[("DPOJob", role)]
+    schema["x-kubernetes-validations"].append({
+        "rule": f"!has(self.fromJob) || !has(self.fromJob.kind) || self.fromJob.kind in {list(allowed)}",
+        "messageExpression": f"'spec.{role}.fromJob.kind: a ' + self.fromJob.kind + ' cannot be used as {role}; "
+                             f"use one of {', '.join(allowed)}'",
+    })
+    return schema
+
+
+def dpo_schema() -> dict[str, Any]:
+    return _rules(
+        section_schema(tc.DPOConfig, "DPO settings: beta, the loss, label smoothing, the reference."),
+        ("!has(self.labelSmoothing) || self.labelSmoothing == 0.0 || !has(self.loss) || self.loss == 'sigmoid'",
+         "'spec.dpo.labelSmoothing: only the sigmoid loss has label smoothing, the loss is ' + self.loss + "
+         "'; set labelSmoothing to 0 or loss to sigmoid'"),
+    )
+
+
+def dpo_online_schema() -> dict[str, Any]:
+    section = section_schema(
+        tc.DPOOnlineConfig,
+        "Online iterative DPO: each round the current policy samples samplesPerPrompt responses to promptsPerRound "
+        "prompts of spec.dataset, the reward model (or rewardFn) scores them with the length penalty, and the best "
+        "and worst response of each prompt form that round's pairs (written to the claim as rounds/NN/pairs.jsonl). "
+        "Leave this out for offline DPO on the preference pairs of spec.dataset.",
+    )
+    section["properties"]["rounds"]["minimum"] = 1  # 0 is offline DPO: leave spec.online out instead
+    section["properties"]["rewardModel"] = dpo_model_source_schema(
+        "online.rewardModel", "Reward model scoring the sampled responses, usually fromJob a RewardModelJob.")
+    section["properties"] = dict(sorted(section["properties"].items()))
+    section["required"] = ["rounds"]
+    fn = "(has(self.rewardFn) && self.rewardFn != '')"
+    return _rules(
+        section,
+        ("!has(self.rounds) || self.rounds >= 1",
+         "spec.online.rounds: 0 rounds is offline DPO; remove spec.online to train offline on the preference pairs "
+         "of spec.dataset, or set rounds >= 1"),
+        (f"has(self.rewardModel) || {fn}",
+         "spec.online.rewardModel: online DPO scores its samples with a reward model; set rewardModel (e.g. fromJob "
+         "a RewardModelJob) or rewardFn, or remove spec.online for offline DPO on preference pairs"),
+        (f"!(has(self.rewardModel) && {fn})", "spec.online.rewardFn: set either rewardFn or rewardModel, not both"),
+    )
+
+
 def checkpoint_schema() -> dict[str, Any]:
     cp = {f.name: f for f in dataclasses.fields(tc.CheckpointConfig)}
     hints = typing.get_type_hints(tc.CheckpointConfig)
@@ -475,6 +506,12 @@ def checkpoint_schema() -> dict[str, Any]:
                 "Fail (condition CheckpointClaimLost) or StartOver (a new claim, training again from step 0).",
                 enum=["Fail", "StartOver"],
                 default="Fail",
+            ),
+            "saveGraceSeconds": _int(
+                "The trainer pods' termination grace period: on suspend, deletion or preemption the trainer gets "
+                "SIGTERM and this long to write its checkpoint before it is killed (a 7B ZeRO-3 save takes minutes). "
+                "Default: 120.",
+                minimum=10, maximum=MAX_SAVE_GRACE_SECONDS, default=DEFAULT_SAVE_GRACE_SECONDS,
             ),
         },
     )
@@ -550,6 +587,18 @@ def spec_schema(kind: str) -> dict[str, Any]:
             "ppo": ppo_schema(),
         })
         required = ["actor", "dataset"]  # the reward: spec.rewardModel and/or spec.reward (jobspec checks)
+    elif kind == "DPOJob":
+        props.update({
+            "policy": dpo_model_source_schema("policy", "Policy to train, usually fromJob an SFTJob."),
+            "reference": dpo_model_source_schema(
+                "reference", "Frozen reference policy. Default: the policy's starting weights (see "
+                "dpo.referenceMode for each round's starting policy)."),
+            "dataset": dataset_schema("Offline: preference pairs (prompt_chosen_rejected, hh_rlhf, ranked, scored). "
+                                      "Online (spec.online): the prompts the policy answers each round."),
+            "dpo": dpo_schema(),
+            "online": dpo_online_schema(),
+        })
+        required = ["policy", "dataset"]
     else:
         props["model"] = model_source_schema(kind, "model", "Starting model.")
         props["dataset"] = dataset_schema("Training data." if kind == "SFTJob" else "Preference pairs.")
@@ -559,6 +608,24 @@ def spec_schema(kind: str) -> dict[str, Any]:
             props["reward"] = section_schema(tc.RewardConfig, "Reward-model settings.")
         required = ["model", "dataset"]
     schema = _obj(f"Desired state of the {kind}.", dict(sorted(props.items())), required=required)
+    if kind == "DPOJob":  # jobspec (dpo_spec) checks the same
+        pairs = list(DPO_PAIR_FORMATS)
+        _rules(schema,
+               ("!has(self.dpo) || !has(self.dpo.referenceMode) || self.dpo.referenceMode != 'each_round' || "
+                "has(self.online)",
+                "spec.dpo.referenceMode: each_round needs online rounds (spec.online); use initial for offline DPO"),
+               (f"has(self.online) || !has(self.dataset) || !has(self.dataset.format) || "
+                f"self.dataset.format in {pairs}",
+                "'spec.dataset.format: offline DPO trains on preference pairs, not ' + self.dataset.format + ' rows; "
+                f"use one of {', '.join(pairs)}, or set spec.online to sample pairs from prompts'"),
+               ("!has(self.online) || !has(self.dataset) || !has(self.dataset.format) || self.dataset.format != 'text'",
+                "spec.dataset.format: online DPO samples answers to prompts, and text rows have none; use prompt, "
+                "prompt_response or a preference-pair format"),
+               ("!has(self.online) || !has(self.online.rounds) || self.online.rounds < 1 || !has(self.training) || "
+                "!has(self.training.maxSteps) || self.training.maxSteps % self.online.rounds == 0",
+                "spec.training.maxSteps: online DPO runs maxSteps / rounds steps per round, and maxSteps is not a "
+                "multiple of spec.online.rounds; use a multiple, or 0 to size each round by "
+                "spec.online.epochsPerRound"))
     if kind == "PPOJob":  # jobspec also checks that spec.reward sets a source
         _rules(schema, ("has(self.rewardModel) || has(self.reward) || (has(self.ppo) && has(self.ppo.rewardFn))",
                         "spec.rewardModel: set a reward model, or a reward source in spec.reward (endpoint, match, "
@@ -611,7 +678,8 @@ def status_schema(kind: str) -> dict[str, Any]:
             "conditions": {
                 "type": "array",
                 "description": "Conditions: Created, WaitingForDependencies, PodScheduled, Running, Restarting, "
-                "Suspended, Succeeded, Failed, SpecChangeRefused, StatusRejected. Succeeded and Failed are terminal.",
+                "Suspended, Succeeded, Failed, SpecChangeRefused, StatusRejected, Queued (Kueue: waiting for "
+                "admission, or preempted). Succeeded and Failed are terminal.",
                 "items": condition_schema(),
                 "x-kubernetes-list-type": "map",
                 "x-kubernetes-list-map-keys": ["type"],
@@ -627,8 +695,30 @@ def status_schema(kind: str) -> dict[str, Any]:
                                       "see the SpecChangeRefused condition)."),
             "runningSpec": _free("The spec the current run started with; its pods, replacements included, are built "
                                  "from it."),
-            "attempt": _int("Index of the newest trainer pod (<job>-<sft|rm|ppo>-trainer-<attempt>)."),
-            "trainerPod": _str("Name of the current trainer pod."),
+            "attempt": _int("Index of the newest trainer pod (<job>-<sft|rm|ppo|dpo>-trainer-<attempt>)."),
+            "trainerPod": _str("Name of the current trainer pod (rank 0's for a multi-node job)."),
+            "gang": _obj(
+                "The pods of a multi-node job's current attempt (spec.resources.nodes > 1).",
+                {
+                    "size": _int("Pods in the gang (spec.resources.nodes)."),
+                    "ready": _int("Pods of the gang that run (or finished)."),
+                    "summary": _str("ready/size for printing."),
+                    "attempt": _int("The attempt these counts are of."),
+                    "waitingSince": _str("When the gang began waiting for all its pods to run (bounded by "
+                                         "spec.scheduling.gangTimeoutSeconds).", format="date-time"),
+                    "stop": _obj(
+                        "Why this attempt stops: the first pod that failed or was disrupted (its peers are stopped "
+                        "and the gang restarts as one).",
+                        {
+                            "pod": _str("The pod."),
+                            "disruption": _bool("Deleted, evicted or preempted: not counted against backoffLimit."),
+                            "message": _str("What happened."),
+                            "exitCode": _int("Its trainer's exit code."),
+                            "finishedAt": _str("When it ended.", format="date-time"),
+                        },
+                    ),
+                },
+            ),
             "checkpoint": _obj(
                 "The job's checkpoint claim.",
                 {
@@ -655,10 +745,13 @@ def printer_columns(k: Kind) -> list[dict[str, Any]]:
     kind = "integer" if contract.printer_column(k.stage).type is int else "number"
     return [
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Phase of the job."},
-        {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary", "description": "step/total."},
+        {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary",
+         "description": "round r/R, step s/S (online DPO)." if k.kind == "DPOJob" else "step/total."},
         {"name": name, "type": kind, "jsonPath": f".status.progress.{key}", "description": desc},
         {"name": "Restarts", "type": "integer", "jsonPath": ".status.restartCount", "priority": 1,
          "description": "Replaced trainer pods."},
+        {"name": "Pods", "type": "string", "jsonPath": ".status.gang.summary", "priority": 1,
+         "description": "Running pods of a multi-node job: ready/size."},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
 
@@ -668,6 +761,9 @@ KIND_DESCRIPTIONS = {
     "RewardModelJob": "Training of a pairwise (Bradley-Terry) reward model on preference data.",
     "PPOJob": "RLHF with PPO (GAE and a critic) or a critic-free estimator (GRPO, RLOO, REINFORCE++): an actor trained "
               "against a reward model, a reward endpoint and/or verifiable rules, with a KL penalty to a reference.",
+    "DPOJob": "Direct preference optimisation of a policy against a frozen reference: offline on preference pairs, "
+              "or online in rounds whose pairs are the best and worst of n sampled responses as a reward model scores "
+              "them (iterative DPO).",
 }
 
 

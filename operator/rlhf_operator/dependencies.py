@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from rlhf_operator import jobspec, names
+from rlhf_operator.crd_schema import KINDS
 from rlhf_operator.observed import DepState
 
 JobKey = tuple[str, str, str]  # (namespace, kind, name)
@@ -69,7 +70,7 @@ def wrong_kind_errors(kind: str, spec: dict[str, Any], lookup: Lookup) -> list[s
         want = jobspec.from_job_kind(kind, role, ref)
         if lookup(want, ref["name"]) is not None:
             continue
-        others = [k for k in ("SFTJob", "RewardModelJob", "PPOJob") if k != want and lookup(k, ref["name"]) is not None]
+        others = [k for k in KINDS if k != want and lookup(k, ref["name"]) is not None]
         if others:
             errors.append(
                 f"spec.{role}.fromJob: {ref['name']!r} is a {others[0]}, but {role} needs a {want}; "

@@ -11,10 +11,18 @@ import dataclasses
 import re
 from typing import Any
 
+from rlhf_trainer import config as tc
 from rlhf_trainer import contract
 
-from rlhf_operator import grants, ppo_spec
-from rlhf_operator.crd_schema import CONFIGMAP_KEY_PATTERN, FROM_JOB_KINDS, MODEL_ROLES, OBJECT_NAME_PATTERN
+from rlhf_operator import dpo_spec, grants, ppo_spec
+from rlhf_operator.crd_schema import (
+    CONFIGMAP_KEY_PATTERN,
+    FROM_JOB_KINDS,
+    MAX_NODES,
+    MODEL_ROLES,
+    OBJECT_NAME_PATTERN,
+    spec_path,
+)
 from rlhf_operator.settings import Settings
 
 MAX_NAME_LENGTH = 63  # the job name is a label value on every child
@@ -29,7 +37,7 @@ CONFIGMAP_KEY = re.compile(CONFIGMAP_KEY_PATTERN)
 # Fields that may change while a trainer pod exists (batch/v1 Job allows the same ones).
 MUTABLE_WHILE_RUNNING = frozenset({"suspend", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "backoffLimit"})
 MUTABLE_WHEN_FINISHED = frozenset({"ttlSecondsAfterFinished"})
-CHECKPOINT_MUTABLE = frozenset({"retainPolicy", "everySteps", "keepLast", "onClaimLoss"})
+CHECKPOINT_MUTABLE = frozenset({"retainPolicy", "everySteps", "keepLast", "onClaimLoss", "saveGraceSeconds"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +50,15 @@ class DepRef:
 
 
 def model_sources(kind: str, spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """role -> model source, for the roles that are set."""
-    return {role: spec[role] for role in MODEL_ROLES[kind] if isinstance(spec.get(role), dict)}
+    """role -> model source, for the roles that are set (a dotted role such as `online.rewardModel` is nested)."""
+    out = {}
+    for role in MODEL_ROLES[kind]:
+        node: Any = spec
+        for part in role.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            out[role] = node
+    return out
 
 
 def from_job_kind(kind: str, role: str, ref: dict[str, Any]) -> str:
@@ -155,25 +170,30 @@ def validate(kind: str, name: str, spec: dict[str, Any], max_gpus: int = 8) -> l
     if gpus not in ALLOWED_GPUS or gpus > max_gpus:
         allowed = ", ".join(str(g) for g in ALLOWED_GPUS if g <= max_gpus)
         errors.append(f"spec.resources.gpus: {gpus} GPUs per pod cannot be used; choose one of {allowed}")
-    ds = spec.get("deepspeed") or {}
-    if ds.get("bf16") and ds.get("fp16"):
-        errors.append("spec.deepspeed: bf16 and fp16 are both true; choose one")
-    if ds.get("offloadParams") and ds.get("zeroStage", 0) != 3:
-        errors.append("spec.deepspeed.offloadParams: parameter offload needs zeroStage 3")
-    if ds.get("offloadOptimizer") and ds.get("zeroStage", 0) == 0:
-        errors.append("spec.deepspeed.offloadOptimizer: optimizer offload needs zeroStage 1, 2 or 3")
-    ppo = spec.get("ppo") or {}
-    if "minibatchSize" in ppo and ppo["minibatchSize"] > ppo.get("rolloutBatchSize", 16):
-        errors.append(
-            f"spec.ppo.minibatchSize: {ppo['minibatchSize']} is larger than ppo.rolloutBatchSize "
-            f"({ppo.get('rolloutBatchSize', 16)}); make it smaller or equal"
-        )
+    errors += _nodes_errors(spec)
+    ds = ppo_spec.config_section(tc.DeepSpeedConfig, spec.get("deepspeed"))
+    if ds is not None:  # the trainer's rule, named as spec fields
+        errors += tc.deepspeed_errors(ds, spec_path)
     if kind == "PPOJob":
         errors += ppo_spec.errors(spec)
+    if kind == "DPOJob":
+        errors += dpo_spec.errors(spec)
     for i, var in enumerate(spec.get("env") or []):
         if var.get("name") in RESERVED_ENV:
             errors.append(f"spec.env[{i}].name: {var['name']} is set by the operator; remove it")
     return errors
+
+
+def _nodes_errors(spec: dict[str, Any]) -> list[str]:
+    """resources.nodes: within bounds, and (more than one) a claim every pod can mount."""
+    nodes = (spec.get("resources") or {}).get("nodes", 1)
+    if not isinstance(nodes, int) or not 1 <= nodes <= MAX_NODES:
+        return [f"spec.resources.nodes: {nodes!r} is not a pod count from 1 to {MAX_NODES}"]
+    mode = (spec.get("checkpoint") or {}).get("accessMode", "ReadWriteOnce")
+    if nodes > 1 and mode != "ReadWriteMany":
+        return [f"spec.checkpoint.accessMode: {mode} cannot serve {nodes} pods on different nodes (every pod of a "
+                "multi-node job mounts the checkpoint claim); set it to ReadWriteMany"]
+    return []
 
 
 def check(kind: str, name: str, spec: dict[str, Any], settings: Settings) -> list[str]:

@@ -22,6 +22,7 @@ from rlhf_operator.crd_schema import GROUP, KINDS, VERSION
 
 log = logging.getLogger(__name__)
 MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
 
 
 class ApiError(Exception):
@@ -86,9 +87,12 @@ class Kube:
         status, data = await self.request("GET", job_path(kind, namespace, name), ok=(404,))
         return None if status == 404 else data
 
-    async def patch_job_status(self, kind: str, namespace: str, name: str, status: dict[str, Any]) -> None:
+    async def patch_job_status(self, kind: str, namespace: str, name: str,
+                               status: dict[str, Any]) -> dict[str, Any] | None:
+        """The job as written (None when it is gone): the reconciler's newest view of it, no GET needed."""
         path = job_path(kind, namespace, name, "status")
-        await self.request("PATCH", path, {"status": status}, MERGE_PATCH, ok=(404,))
+        code, data = await self.request("PATCH", path, {"status": status}, MERGE_PATCH, ok=(404,))
+        return None if code == 404 else data
 
     async def delete_job(self, kind: str, namespace: str, name: str, uid: str) -> None:
         body = {"propagationPolicy": "Background", "preconditions": {"uid": uid}}
@@ -110,6 +114,13 @@ class Kube:
 
     async def patch(self, resource: str, namespace: str, name: str, patch: dict[str, Any]) -> None:
         await self.request("PATCH", core_path(resource, namespace, name), patch, MERGE_PATCH, ok=(404,))
+
+    async def remove_scheduling_gate(self, namespace: str, name: str, gate: str, index: int) -> None:
+        """Removes one scheduling gate by position, only if it is still `gate` there: other controllers (Kueue) lift
+        their own gates meanwhile, and a merge patch of the whole list would put theirs back (refused: 422)."""
+        where = f"/spec/schedulingGates/{index}"
+        patch = [{"op": "test", "path": f"{where}/name", "value": gate}, {"op": "remove", "path": where}]
+        await self.request("PATCH", core_path("pods", namespace, name), patch, JSON_PATCH, ok=(404, 409, 422))
 
     async def delete(self, resource: str, namespace: str, name: str) -> None:
         await self.request("DELETE", core_path(resource, namespace, name), ok=(404, 409))

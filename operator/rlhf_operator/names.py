@@ -13,7 +13,7 @@ import hashlib
 import re
 
 MAX_LENGTH = 63
-KIND_ABBREVIATIONS = {"SFTJob": "sft", "RewardModelJob": "rm", "PPOJob": "ppo"}
+KIND_ABBREVIATIONS = {"SFTJob": "sft", "RewardModelJob": "rm", "PPOJob": "ppo", "DPOJob": "dpo"}
 _LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -46,6 +46,24 @@ def configmap_name(kind: str, job: str) -> str:
     return child_name(kind, job, "config")
 
 
-def pod_name(kind: str, job: str, attempt: int) -> str:
-    """The trainer pod of one attempt."""
-    return child_name(kind, job, f"trainer-{attempt}")
+def pod_name(kind: str, job: str, attempt: int, rank: int | None = None) -> str:
+    """The trainer pod of one attempt; of one rank of it for a multi-node job (`trainer-<attempt>-<rank>`)."""
+    return child_name(kind, job, f"trainer-{attempt}" if rank is None else f"trainer-{attempt}-{rank}")
+
+
+def gang_pod_names(kind: str, job: str, attempt: int, nodes: int) -> list[str]:
+    """The pods of one attempt, by rank: one pod named as always for nodes == 1, else one per rank."""
+    if nodes <= 1:
+        return [pod_name(kind, job, attempt)]
+    return [pod_name(kind, job, attempt, rank) for rank in range(nodes)]
+
+
+def service_name(kind: str, job: str) -> str:
+    """The headless Service of a multi-node job: its pods' DNS subdomain (`<host>.<service>`)."""
+    return child_name(kind, job, "workers")
+
+
+def worker_hostname(kind: str, job: str, rank: int) -> str:
+    """A multi-node job's pod hostname for one rank: the same in every attempt, so rank 0's DNS name
+    (`<hostname>.<service>`) does not change when the gang restarts (the old pods are gone by then)."""
+    return child_name(kind, job, f"worker-{rank}")

@@ -32,6 +32,8 @@ class Plan:
     restarted: bool = False
     claim_owned: bool | None = None  # set the claim's owner reference (True) or remove it (False)
     handoff_from: dt.datetime | None = None  # latest dependency completion, when the first pod starts
+    # pod name -> the scheduling gates it keeps: a multi-node job's gang released together (policies.gang)
+    release_pods: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
 
 class Pass:
@@ -57,6 +59,9 @@ class Pass:
         self.own_claim = observed.claim if observed else None
         self.claim_check: tuple[str, str, str] | None = None  # policies.claim_loss
         self.in_run = running_spec.in_run(self.old)  # a run whose spec is recorded goes on
+        # pods per attempt (spec.resources.nodes) of the run in progress, else of the next one
+        run_spec = self.old["runningSpec"] if self.in_run else self.spec
+        self.nodes = int((run_spec.get("resources") or {}).get("nodes", 1) or 1)
         self.resuming = self.conds.is_true("Suspended")
         self.stage = KINDS[self.kind].stage
         # The current attempt, set by policies.restart.count (after the checks that may end the pass first).
@@ -104,7 +109,12 @@ class Pass:
     def start(self, attempt: int, restart_count: int) -> None:
         st, conds, generation = self.st, self.conds, self.generation
         self.plan.create_pod = (attempt, restart_count)
-        name = names.pod_name(self.kind, self.name, attempt)
+        nodes = self.nodes
+        name = names.gang_pod_names(self.kind, self.name, attempt, nodes)[0]  # a gang's: rank 0 (it reports)
+        if nodes > 1:
+            st["gang"] = {"attempt": attempt, "size": nodes, "ready": 0, "summary": f"0/{nodes}"}
+        else:
+            st.pop("gang", None)
         st.update(attempt=attempt, trainerPod=name, restartCount=restart_count)
         st.pop("nextAttemptTime", None)
         (st.get("progress") or {}).pop(resume_report.KEY, None)  # the new pod reports its own

@@ -2,7 +2,9 @@
 against the critic and the group size; the reward sources) and the rendering of ``spec.reward``.
 
 Pure functions. ``jobspec.validate`` calls :func:`errors`, so the webhook and the reconciler give the
-same answer; the trainer's parser checks the same rules again (``rlhf_trainer.config.validate_ppo``).
+same answer. The rules are the trainer's own (``rlhf_trainer.config.ppo_errors``, applied to the spec read as
+the trainer's ``ppo`` section and named as spec fields); only the group-size and reward_fn messages keep an
+operator wording here, and the rules about Kubernetes objects (the token Secret) are the operator's.
 
 The reward endpoint's bearer token is one key of a Secret the user names in
 ``spec.reward.endpoint.tokenSecret``: it is mounted read-only as a file (never an environment variable,
@@ -17,11 +19,10 @@ import re
 from typing import Any
 
 from rlhf_trainer import config as tc
-from rlhf_trainer.config import CRITIC_FREE_ESTIMATORS, GROUP_ESTIMATORS
+from rlhf_trainer.config import GROUP_ESTIMATORS
 
-from rlhf_operator.crd_schema import CONFIGMAP_KEY_PATTERN, OBJECT_NAME_PATTERN, camel
+from rlhf_operator.crd_schema import CONFIGMAP_KEY_PATTERN, OBJECT_NAME_PATTERN, camel, spec_path
 
-DEFAULT_ROLLOUT = 16
 REWARD_SOURCES = ("endpoint", "match", "length", "format")
 REWARD_TOKEN_DIR = "/var/run/secrets/rlhf.io/reward-endpoint"  # the token Secret's key is the file `token` here
 REWARD_TOKEN_FILE = "token"
@@ -40,30 +41,41 @@ def reward_sources(reward: dict[str, Any]) -> list[str]:
     return [k for k in REWARD_SOURCES if on[k]]
 
 
+def config_section(cls: type, section: Any) -> Any:
+    """A camelCase spec section as the trainer's dataclass (defaults filled in), for the trainer's own cross-field
+    rules; None when a value has the wrong type or name (the trainer's parser names it when the config is rendered)."""
+    try:
+        return tc.parse_section(cls, _snake(cls, section if isinstance(section, dict) else {}), "")
+    except tc.ConfigError:
+        return None
+
+
+def config_view(spec: dict[str, Any]) -> tc.PPOConfig | None:
+    """spec.ppo, spec.reward and which model roles are set, as the trainer's ``ppo`` section."""
+    view = config_section(tc.PPOConfig, spec.get("ppo"))
+    rewards = config_section(tc.RewardSourcesConfig, render_reward(spec.get("reward") or {})[0])
+    if view is None or rewards is None:
+        return None
+    view.rewards = rewards
+    for role, key in (("critic", "critic"), ("rewardModel", "reward_model")):
+        if spec.get(role):  # only whether it is set matters to the rules
+            setattr(view, key, tc.ModelConfig(path=f"spec.{role}"))
+    return view
+
+
 def errors(spec: dict[str, Any]) -> list[str]:
     ppo = spec.get("ppo") or {}
     reward = spec.get("reward") or {}
     out: list[str] = []
-    est = ppo.get("advantageEstimator", "gae")
-    k = ppo.get("samplesPerPrompt", 1)
-    rollout = ppo.get("rolloutBatchSize", DEFAULT_ROLLOUT)
-    if est in GROUP_ESTIMATORS and isinstance(k, int) and k < 2:
+    view = config_view(spec)
+    if view is None:
+        return out
+    est, k = view.advantage_estimator, view.samples_per_prompt
+    if est in GROUP_ESTIMATORS and k < 2:  # worded for the spec; config.validate_ppo has the trainer's wording
         out.append(f"spec.ppo.samplesPerPrompt: advantageEstimator {est} compares the responses to one prompt with "
                    f"each other and needs at least 2 per prompt, got {k}; set samplesPerPrompt >= 2 (e.g. 4)")
-    if isinstance(k, int) and isinstance(rollout, int) and k >= 1 and rollout % k:
-        out.append(f"spec.ppo.rolloutBatchSize: {rollout} responses are not whole groups of spec.ppo.samplesPerPrompt "
-                   f"({k}); use a multiple of {k}")
-    if est in CRITIC_FREE_ESTIMATORS:
-        if spec.get("critic"):
-            out.append(f"spec.critic: advantageEstimator {est} uses no critic (none is loaded or trained); remove "
-                       "spec.critic, or use advantageEstimator gae")
-        if ppo.get("criticLearningRate"):
-            out.append(f"spec.ppo.criticLearningRate: advantageEstimator {est} trains no critic; remove it, or use "
-                       "advantageEstimator gae")
+    out += tc.ppo_errors(view, spec_path)  # the trainer's rules, named as spec fields
     sources = reward_sources(reward)
-    if not spec.get("rewardModel") and not sources and not ppo.get("rewardFn"):
-        out.append("spec.rewardModel: set a reward model, or a reward source in spec.reward (endpoint, match, length, "
-                   "format)")
     if "modelWeight" in reward and not spec.get("rewardModel"):
         out.append("spec.reward.modelWeight: there is no spec.rewardModel to weigh; remove it or set spec.rewardModel")
     if ppo.get("rewardFn") and sources:

@@ -64,7 +64,7 @@ def for_stage(progress: Mapping[str, Any], stage: str) -> dict[str, Any]:
 
 
 def with_summary(progress: dict[str, Any]) -> dict[str, Any]:
-    """Adds percent and the printed "step/total" summary."""
+    """Adds percent and the printed "step/total" summary ("round r/R, step s/S" for online DPO)."""
     out = dict(progress)
     step, total = out.get("step"), out.get("totalSteps")
     if step is not None and total:
@@ -72,6 +72,8 @@ def with_summary(progress: dict[str, Any]) -> dict[str, Any]:
         out["summary"] = f"{step}/{total}"
     elif step is not None:
         out["summary"] = str(step)
+    if out.get("rounds") and out.get("round") is not None and "summary" in out:
+        out["summary"] = f"round {out['round']}/{out['rounds']}, step {out['summary']}"
     return out
 
 

@@ -27,8 +27,11 @@ NAMESPACED_RULES: list[dict[str, Any]] = [
      "why": "write status (conditions, phase, progress) through the status subresource"},
     {"apiGroups": [GROUP], "resources": [f"{p}/finalizers" for p in _JOBS], "verbs": ["update"],
      "why": "children carry ownerReferences with blockOwnerDeletion (OwnerReferencesPermissionEnforcement)"},
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "delete"],
-     "why": "run trainer pods, watch their state, stop them on suspend/deadline/failure"},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "delete", "patch"],
+     "why": "run trainer pods, watch their state, stop them on suspend/deadline/failure; patch: lift a "
+            "multi-node job's scheduling gate from all its pods together"},
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "create"],
+     "why": "a multi-node job's headless Service (its pods' DNS names); get: check whose an existing one is"},
     {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get", "list", "watch", "create", "patch"],
      "why": "create the checkpoint claim; watch claims (a lost claim or input fails the job), get one the index "
             "has not seen yet and check whose it is; patch its ownerReferences when checkpoint.retainPolicy changes"},

@@ -21,6 +21,8 @@ from rlhf_operator.policies import (
     children,
     claim_loss,
     deadline,
+    gang,
+    queue,
     refused,
     restart,
     restart_backoff,
@@ -47,6 +49,8 @@ POLICIES = (
     deadline.apply,  # activeDeadlineSeconds
     restart.count,  # the current attempt and the restarts used
     claim_loss.act,  # a claim in the way is going away, or starting over in a new claim
+    queue.apply,  # Kueue: waiting for admission; a preemption checkpoints, waits and resumes without back-off
+    gang.apply,  # a multi-node job's pods: released together, run together, restarted together
     trainer_pod.apply,  # start, follow or replace the trainer pod
 )
 

@@ -24,7 +24,7 @@ STANDIN_TRAINER = ROOT / "tests" / "support" / "standin_trainer.py"
 # The Deployment's pod cannot run here (no image registry, no container runtime): keep it unscheduled, and
 # run the same program with the same settings as a local process instead.
 NOWHERE = {"operator": {"nodeSelector": {"rlhf.io/test-no-such-node": "true"}}}
-CRD_NAMES = ["sftjobs.rlhf.io", "rewardmodeljobs.rlhf.io", "ppojobs.rlhf.io"]
+CRD_NAMES = ["sftjobs.rlhf.io", "rewardmodeljobs.rlhf.io", "ppojobs.rlhf.io", "dpojobs.rlhf.io"]
 
 
 class Release:

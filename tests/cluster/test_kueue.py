@@ -7,8 +7,9 @@ import time
 
 import pytest
 from kubernetes import client, config
+from support.kueue import require_kueue
 
-from localcluster import Cluster, kueue, provision
+from localcluster import Cluster, kueue
 from localcluster.nodeagent.node import GPU
 
 
@@ -25,9 +26,7 @@ def wait_for(what: str, fn, timeout: float = 90.0, interval: float = 0.5):
 
 @pytest.fixture(scope="module")
 def kueue_cluster(tmp_path_factory):
-    reason = provision.check_binaries(provision.bin_dir(None, provision.KUEUE), provision.KUEUE)
-    if reason:
-        pytest.skip(f"Kueue is not provisioned ({reason}): run `python -m localcluster provision --with kueue`")
+    require_kueue()
     c = Cluster(tmp_path_factory.mktemp("kueue") / "cluster", name="kueue", nodes=["kq-0:gpu=2"], addons=("kueue",))
     try:
         c.up(log=lambda _m: None)
@@ -82,11 +81,17 @@ webhooks:
 """
 
 
-def test_kueue_webhooks_point_at_loopback_and_leave_pods_alone():
+def test_kueue_webhooks_point_at_loopback_and_hold_only_queued_pods():
     (hooks,) = kueue.webhook_configurations(KUEUE_WEBHOOKS, 9443, b"CA")
     assert hooks["metadata"]["name"] == "kueue-mutating-webhook-configuration"
-    assert [h["name"] for h in hooks["webhooks"]] == ["mjob.kb.io"]  # a pod webhook would hold up every pod
-    assert hooks["webhooks"][0]["clientConfig"] == {"url": "https://127.0.0.1:9443/mutate-batch-v1-job",
-                                                    "caBundle": "Q0E="}
+    assert [h["name"] for h in hooks["webhooks"]] == ["mjob.kb.io", "mpod.kb.io"]
+    job, pod = hooks["webhooks"]
+    assert job["clientConfig"] == {"url": "https://127.0.0.1:9443/mutate-batch-v1-job", "caBundle": "Q0E="}
+    assert "objectSelector" not in job
+    # A pod webhook with failurePolicy Fail would hold up every pod while Kueue is down: only queued pods see it.
+    assert pod["clientConfig"]["url"] == "https://127.0.0.1:9443/mutate--v1-pod"
+    assert pod["objectSelector"] == {"matchExpressions": [{"key": "kueue.x-k8s.io/queue-name", "operator": "Exists"}]}
+    assert pod["namespaceSelector"]["matchExpressions"][0]["values"] == ["kube-system", "kueue-system"]
+    assert "pod" in kueue.config(1, 2, 3, "/certs")["integrations"]["frameworks"]
     assert kueue.quota(["a:gpu=2,cpu=4,memory=1Gi", "b:gpu=2,cpu=4,memory=1Gi"]) == {
         "cpu": "8", "memory": str(2 * 2**30), GPU: "4"}

@@ -157,7 +157,7 @@ def assert_operator_healthy(operator) -> None:
     log = operator.log()
     assert "Traceback" not in log, log[log.index("Traceback") - 2000:][:6000]
     text = operator.metrics()
-    for kind in ("SFTJob", "RewardModelJob", "PPOJob"):
+    for kind in ("SFTJob", "RewardModelJob", "PPOJob", "DPOJob"):
         assert metric_value(text, "rlhf_operator_reconcile_errors_total", kind=kind) == 0, kind
 
 

@@ -142,6 +142,30 @@ BAD: list[Bad] = [
         ("model.init_from_config", "no-such-arch")),
     Bad("offload-optimizer-zero-0", "SFTJob", {"deepspeed": {"enabled": True, "zeroStage": 0, "offloadOptimizer": True}},
         REJECTED, ("spec.deepspeed.offloadOptimizer: optimizer offload needs zeroStage 1, 2 or 3",)),
+    # --- DPOJob: what cannot work is refused at apply time (CEL rules), the rest by the webhook rules or the trainer --
+    Bad("dpo-online-no-scorer", "DPOJob", {"online": {"rounds": 2}}, REJECTED,
+        ("spec.online.rewardModel: online DPO scores its samples with a reward model",)),
+    Bad("dpo-one-sample", "DPOJob", {"online": {"rounds": 2, "rewardFn": "count:a", "samplesPerPrompt": 1}}, REJECTED,
+        ("spec.online.samplesPerPrompt",)),
+    Bad("dpo-zero-rounds", "DPOJob", {"online": {"rounds": 0, "rewardFn": "count:a"}}, REJECTED,
+        ("spec.online.rounds: 0 rounds is offline DPO",)),
+    Bad("dpo-reward-model-from-sft", "DPOJob", {"online": {"rounds": 2, "rewardModel": {"fromJob": {
+        "name": "policy", "kind": "SFTJob"}}}}, REJECTED,
+        ("spec.online.rewardModel.fromJob.kind: a SFTJob cannot be used as online.rewardModel",)),
+    Bad("dpo-smoothing-ipo", "DPOJob", {"dpo": {"loss": "ipo", "labelSmoothing": 0.1}}, REJECTED,
+        ("spec.dpo.labelSmoothing: only the sigmoid loss has label smoothing",)),
+    Bad("dpo-offline-prompt-rows", "DPOJob", {"dataset.format": "prompt"}, REJECTED,
+        ("spec.dataset.format: offline DPO trains on preference pairs, not prompt rows",)),
+    Bad("dpo-steps-not-whole-rounds", "DPOJob", {"online": {"rounds": 3, "rewardFn": "count:a"}}, REJECTED,
+        ("spec.training.maxSteps: online DPO runs maxSteps / rounds steps per round",)),
+    Bad("dpo-unknown-reward-fn", "DPOJob", {"online": {"rounds": 2, "rewardFn": "bogus"}}, "InvalidSpec",
+        ("spec.online.rewardFn", "'bogus' is not a known rule")),
+    Bad("dpo-not-a-reward-model", "DPOJob", {"online": {"rounds": 2, "samplesPerPrompt": 2, "promptsPerRound": 8,
+                                                        "maxPromptLength": 16, "maxNewTokens": 8,
+                                                        "rewardModel": {"path": MINILM}}}, "ModelError",
+        ("is not a reward model",)),
+    Bad("dpo-offline-on-prompts", "DPOJob", {"dataset.configMap.key": "prompts.jsonl"}, "DataError",
+        ("format prompt cannot feed",)),
 ]
 
 
@@ -166,13 +190,15 @@ def binary_files() -> dict[str, str]:
 
 def base_spec(kind: str) -> dict[str, Any]:
     """A valid spec for the real trainer (the cases change one thing in it)."""
-    dataset = {"SFTJob": "sft.jsonl", "RewardModelJob": "pairs.jsonl", "PPOJob": "prompts.jsonl"}[kind]
+    dataset = {"SFTJob": "sft.jsonl", "RewardModelJob": "pairs.jsonl", "PPOJob": "prompts.jsonl", "DPOJob": "pairs.jsonl"}[kind]
     spec = real_spec(configmap_dataset("data", dataset), steps=10, every=0)
     if kind == "PPOJob":
         spec["actor"] = spec.pop("model")
         spec["rewardModel"] = {"path": MINILM}  # a plain encoder: passes every rule, but is no trained reward model
         spec["dataset"].update(format="prompt", evalFraction=0.0)
         spec["ppo"] = {"rolloutBatchSize": 4, "minibatchSize": 2, "maxPromptLength": 16, "maxNewTokens": 8}
+    if kind == "DPOJob":  # offline on the pairs; a case's spec.online makes it online
+        spec["policy"] = spec.pop("model")
     return spec
 
 

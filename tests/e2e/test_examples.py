@@ -35,9 +35,9 @@ def dry_run_create(jobs, doc: dict) -> dict:
 
 def test_examples_exist():
     dirs = {p.parent.name for p in MANIFESTS}
-    assert {"pipeline", "gpu-cluster"} <= dirs, MANIFESTS
+    assert {"pipeline", "pipeline-dpo", "gpu-cluster"} <= dirs, MANIFESTS
     kinds = {d["kind"] for p in MANIFESTS for d in documents(p)}
-    assert kinds == {"SFTJob", "RewardModelJob", "PPOJob"}
+    assert kinds == {"SFTJob", "RewardModelJob", "PPOJob", "DPOJob"}
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=[str(p.relative_to(REPO / "examples")) for p in MANIFESTS])

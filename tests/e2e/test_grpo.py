@@ -13,9 +13,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import yaml
@@ -32,6 +30,7 @@ from e2e_helpers import (
 )
 from rlhf_operator.names import pod_name
 from rlhf_trainer import contract as c
+from support.reward_server import RewardServer
 
 EXAMPLE = REPO / "examples" / "grpo"
 TOKEN = "s3cret-token"
@@ -74,50 +73,26 @@ def test_grpo_example_runs_through_the_operator(real_operator, jobs, cluster):
     assert_operator_healthy(real_operator)
 
 
-class StandInReward:
+class StandInReward(RewardServer):
     """A reward service: 1 when the response starts with the row's answer. Needs the bearer token. Fails
     every `flaky_every`-th request (503, once: the retry succeeds) and, once `down` is set, every request."""
 
     def __init__(self, flaky_every: int = 3):
         self.flaky_every, self.down = flaky_every, False
-        self.requests, self.flaky_failures, self.refused = 0, 0, 0
-        self.lock = threading.Lock()
-        outer = self
+        self.flaky_failures, self.refused = 0, 0
+        super().__init__(lambda response, fields: float(response.strip()[:1] == fields.get("answer")),
+                         fail=self.fault, path="/v1/score")
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def reply(self, code: int, body: bytes = b"") -> None:
-                self.send_response(code)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_POST(self):
-                data = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with outer.lock:
-                    outer.requests += 1
-                    n = outer.requests
-                    if self.headers.get("Authorization") != f"Bearer {TOKEN}":
-                        outer.refused += 1
-                        return self.reply(401, b"bad token")
-                    if outer.down:
-                        return self.reply(503, b"down for maintenance")
-                    if n % outer.flaky_every == 0:
-                        outer.flaky_failures += 1
-                        return self.reply(503, b"busy")
-                rewards = [float(r.strip()[:1] == f.get("answer")) for r, f in zip(data["responses"], data["fields"],
-                                                                                    strict=True)]
-                return self.reply(200, json.dumps({"rewards": rewards}).encode())
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/v1/score"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def fault(self, n: int, auth: str | None) -> int | None:
+        if auth != f"Bearer {TOKEN}":
+            self.refused += 1
+            return 401
+        if self.down:
+            return 503
+        if n % self.flaky_every == 0:
+            self.flaky_failures += 1
+            return 503
+        return None
 
 
 @pytest.fixture

@@ -17,7 +17,8 @@ from monitoring_helpers import Monitoring, duration_minutes, render_monitoring
 PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
 JOB = {"namespace": "team-a", "job": "rm-hh", "stage": "reward"}
 EXPECTED_ALERTS = {"RLHFJobFailed", "RLHFTrainingStalled", "RLHFLossNotFinite", "RLHFLossExploding",
-                   "RLHFOptimizerStepsSkipped", "RLHFKLDivergenceHigh", "RLHFOperatorDown"}
+                   "RLHFOptimizerStepsSkipped", "RLHFKLDivergenceHigh", "RLHFDPORewardAccuracyAtChance",
+                   "RLHFOperatorDown"}
 
 
 def _series(metric: str, labels: dict[str, str]) -> str:
@@ -81,6 +82,13 @@ def alert_cases(mon: Monitoring) -> list[dict]:
     actor = {**JOB, "stage": "ppo", "model": "actor"}
     skipped = _series("rlhf_trainer_skipped_steps_total", actor)
     skip_window = duration_minutes(a["stepsSkipped"]["window"])
+    dpo = {**JOB, "stage": "dpo"}
+    dpo_acc, dpo_step = _series("rlhf_dpo_reward_accuracy", dpo), _series("rlhf_trainer_step", dpo)
+    min_steps = int(a["dpoAtChance"]["minSteps"])
+    dpo_for, dpo_window = duration_minutes(a["dpoAtChance"]["for"]), duration_minutes(a["dpoAtChance"]["window"])
+    per_minute = max(min_steps // 10, 1)  # steps per minute: minSteps reached after 10 minutes
+    dpo_at = 10 + dpo_for + 2
+    dpo_n = dpo_at + dpo_window + 10
     return [
         # Training stalled.
         _case(mon, "flat step fires", "RLHFTrainingStalled", {step: f"5x{n}", total: f"100x{n}"}, at, [JOB]),
@@ -118,6 +126,16 @@ def alert_cases(mon: Monitoring) -> list[dict]:
               {kl: f"{kl_bound / 2}x10 {kl_bound * 2}x{kl_for + 10}"}, 10 + max(kl_for - 2, 0)),
         _case(mon, "KL below the bound is quiet", "RLHFKLDivergenceHigh", {kl: f"{kl_bound * 0.9}x{kl_for + 20}"},
               kl_for + 10),
+        # DPO reward accuracy at chance.
+        _case(mon, "DPO at chance after minSteps fires", "RLHFDPORewardAccuracyAtChance",
+              {dpo_acc: f"0.5x{dpo_n}", dpo_step: f"0+{per_minute}x{dpo_n}"}, dpo_at, [dpo], 0.5),
+        _case(mon, "DPO at chance before minSteps is quiet", "RLHFDPORewardAccuracyAtChance",
+              {dpo_acc: f"0.5x{dpo_n}", dpo_step: f"{max(min_steps - 1, 0)}x{dpo_n}"}, dpo_at),
+        _case(mon, "DPO learning is quiet", "RLHFDPORewardAccuracyAtChance",
+              {dpo_acc: f"0.6+0.02x15 0.9x{dpo_n}", dpo_step: f"0+{per_minute}x{dpo_n}"}, dpo_at),
+        _case(mon, "DPO that fell back to chance fires once the window forgets", "RLHFDPORewardAccuracyAtChance",
+              {dpo_acc: f"0.9x10 0.25x{dpo_n}", dpo_step: f"0+{per_minute}x{dpo_n}"},
+              10 + dpo_window + dpo_for + 2, [dpo], 0.25),  # 0.25: a mean of equal samples is exact in binary
         # Failed jobs.
         _case(mon, "a failed job fires", "RLHFJobFailed", {failed: "0x5 2x10", running: "3x15"}, 12, [{"kind": "PPOJob"}], 2),
         _case(mon, "running jobs are quiet", "RLHFJobFailed", {failed: "0x15", running: "3x15"}, 12),
@@ -184,7 +202,7 @@ def test_disabled_alerts_are_left_out():
 
 def test_a_group_without_enabled_alerts_is_left_out(tmp_path):
     off = {name: {"enabled": False}
-           for name in ("trainingStalled", "lossNotFinite", "lossExploding", "stepsSkipped", "klHigh")}
+           for name in ("trainingStalled", "lossNotFinite", "lossExploding", "stepsSkipped", "klHigh", "dpoAtChance")}
     mon = render_monitoring({"prometheusRule": {"alerts": off}})
     assert [g["name"] for g in mon.groups] == ["rlhf-operator"]
     mon.write_rules(tmp_path / "rules.yaml")

@@ -1,6 +1,7 @@
-"""Inputs and configs of two short, real trainer runs for the Prometheus test: a reward model (a 1-layer
-BERT on the MiniLM tokenizer, on real HH-RLHF pairs) and PPO (a 2-layer GPT-2 on a word tokenizer with
-the `count:good` rule reward). Both take seconds on a CPU and log every step."""
+"""Inputs and configs of three short, real trainer runs for the Prometheus test: a reward model (a 1-layer
+BERT on the MiniLM tokenizer, on real HH-RLHF pairs), PPO (a 2-layer GPT-2 on a word tokenizer with the
+`count:good` rule reward) and online DPO (the same actor, two rounds scored by `count:good`). Each takes
+seconds on a CPU and logs every step."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def write_configs(root: Path, jobs: dict[str, tuple[str, str]], ports: dict[str,
 
     def common(stage: str) -> dict:
         namespace, name = jobs[stage]
-        kind = {"reward": "RewardModelJob", "ppo": "PPOJob"}[stage]
+        kind = {"reward": "RewardModelJob", "ppo": "PPOJob", "dpo": "DPOJob"}[stage]
         return {"stage": stage, "job": {"name": name, "namespace": namespace, "kind": kind},
                 "deepspeed": {"enabled": False},
                 "checkpoint": {"dir": str(root / f"ckpt-{stage}"), "every_steps": 4, "keep_last": 1},
@@ -79,6 +80,14 @@ def write_configs(root: Path, jobs: dict[str, tuple[str, str]], ports: dict[str,
                     "rollout_batch_size": 16, "minibatch_size": 8, "ppo_epochs": 2, "max_new_tokens": 8,
                     "max_prompt_length": 16, "reward_clip": 0.0,
                     "samples_per_prompt": 2},  # groups of 2: the dashboard's reward-group panel has data
+        },
+        "dpo": {
+            **common("dpo"),
+            "dataset": {"path": str(root / "prompts.jsonl"), "format": "prompt", "eval_fraction": 0.0},
+            "training": {"max_steps": 24, "learning_rate": 1e-3, "seed": 1, "threads": 1, "batch_size": 4},
+            "dpo": {"policy": {"path": str(root / "actor")}, "beta": 0.5,
+                    "online": {"rounds": 2, "prompts_per_round": 16, "samples_per_prompt": 4,
+                               "reward_fn": "count:good", "max_prompt_length": 16, "max_new_tokens": 8}},
         },
     }
     paths = {}

@@ -5,14 +5,16 @@ import` would find another directory's conftest."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from rlhf_operator import builders
 from support.kube import or_none
 from support.polling import wait_for
-from support.ports import free_port  # noqa: F401 (the operator tests' import)
+from support.ports import free_port
 from support.processes import pod_process
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,6 +39,24 @@ def delete_webhook_configurations(adm: Any, name: str) -> None:
     """Remove the validating and mutating webhook configurations a test's operator made (if any)."""
     for delete in (adm.delete_validating_webhook_configuration, adm.delete_mutating_webhook_configuration):
         or_none(delete, name)
+
+
+@contextlib.contextmanager
+def webhook_operator(operator_factory: Any, k8s: Any, namespace: str) -> Iterator[Any]:
+    """An operator serving its admission webhook (failure policy Fail) under a configuration named for the test's
+    namespace; yields it once the API server has the webhook, then stops it and removes the configurations."""
+    from kubernetes import client
+
+    name = f"rlhf-test-{namespace}.rlhf.io"
+    op = operator_factory(RLHF_WEBHOOK_ENABLED="1", RLHF_WEBHOOK_PORT=str(free_port()), RLHF_WEBHOOK_CONFIG_NAME=name,
+                          RLHF_WEBHOOK_FAILURE_POLICY="Fail")
+    adm = client.AdmissionregistrationV1Api(k8s)
+    try:
+        wait_for("webhook configuration", lambda: webhooks(adm.read_validating_webhook_configuration, name), 30)
+        yield op
+    finally:
+        op.stop()
+        delete_webhook_configurations(adm, name)
 
 
 def webhook_rejection(jobs: Any, kind: str, name: str, spec: dict[str, Any], timeout: float = 20) -> Any:

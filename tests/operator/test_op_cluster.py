@@ -17,6 +17,7 @@ from op_helpers import (
     metric_value,
     trainer_pid,
     wait_for,
+    webhook_operator,
     webhook_rejection,
     webhooks,
 )
@@ -259,15 +260,9 @@ def test_schema_rejects_bad_specs_naming_the_field(jobs, crds, kind, patch, fiel
 
 
 def test_webhook_rejects_at_apply_time(operator_factory, jobs, k8s, namespace):
-    from kubernetes import client
     from kubernetes.client.rest import ApiException
 
-    name = f"rlhf-test-{namespace}.rlhf.io"
-    op = operator_factory(RLHF_WEBHOOK_ENABLED="1", RLHF_WEBHOOK_PORT=str(free_port()), RLHF_WEBHOOK_CONFIG_NAME=name,
-                          RLHF_WEBHOOK_FAILURE_POLICY="Fail")
-    adm = client.AdmissionregistrationV1Api(k8s)
-    try:
-        wait_for("webhook configuration", lambda: webhooks(adm.read_validating_webhook_configuration, name), 30)
+    with webhook_operator(operator_factory, k8s, namespace):
         jobs.create("SFTJob", "base", spec(steps=200, step_seconds=0.1))
 
         def rejected(kind, job_name, s):
@@ -288,9 +283,6 @@ def test_webhook_rejects_at_apply_time(operator_factory, jobs, k8s, namespace):
         assert "spec.training: cannot change while the job is running" in e.value.body
         jobs.patch("SFTJob", "base", {"spec": {"suspend": True}})
         jobs.wait_phase("SFTJob", "base", "Suspended", 20)
-    finally:
-        op.stop()
-        delete_webhook_configurations(adm, name)
 
 
 def test_operator_works_with_exactly_its_rbac_rules(operator_factory, jobs, k8s, cluster, namespace, tmp_path):

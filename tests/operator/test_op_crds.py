@@ -8,6 +8,7 @@ import sys
 import typing
 from pathlib import Path
 
+import pytest
 from rlhf_operator import crd_schema, crdgen
 from rlhf_trainer import config as tc
 
@@ -81,9 +82,33 @@ def test_trainer_options_all_appear_with_type_enum_and_bounds():
     assert spec["deepspeed"]["properties"]["zeroStage"]["maximum"] == 3
 
 
-def test_bounds_name_existing_fields():
-    for cls, name in crd_schema.BOUNDS:
-        assert name in {f.name for f in dataclasses.fields(cls)}, f"{cls.__name__}.{name} does not exist"
+def bounded_fields():
+    """(dotted config path, dataclass field) of every trainer option that declares bounds."""
+    return [(path, f) for path, _value, f in tc._bounded_fields(tc.TrainerConfig())]
+
+
+# CRD section -> trainer dataclass, for the sections generated from the trainer's configuration
+SECTIONS = {("SFTJob", "training"): tc.TrainingConfig, ("SFTJob", "deepspeed"): tc.DeepSpeedConfig,
+            ("SFTJob", "dataset"): tc.DatasetConfig, ("RewardModelJob", "reward"): tc.RewardConfig,
+            ("PPOJob", "ppo"): tc.PPOConfig, ("PPOJob", "reward"): tc.RewardSourcesConfig,
+            ("PPOJob", "reward.endpoint"): tc.RewardEndpointConfig, ("PPOJob", "reward.length"): tc.LengthRuleConfig}
+
+
+def test_bounds_live_in_the_config_fields_and_reach_the_schema():
+    """One home: a field's bounds are JSON-schema keywords in its metadata, copied unchanged into the CRD."""
+    assert not hasattr(crd_schema, "BOUNDS")
+    keywords = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "pattern", "maxLength"}
+    assert len(bounded_fields()) > 50
+    for path, f in bounded_fields():
+        assert set(f.metadata["bounds"]) <= keywords, path
+    for (kind, section), cls in SECTIONS.items():
+        props = version(kind)["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        for part in section.split("."):
+            props = props["properties"][part]
+        for f in dataclasses.fields(cls):
+            if "bounds" in f.metadata:
+                prop = props["properties"][crd_schema.camel(f.name)]
+                assert {k: prop[k] for k in f.metadata["bounds"]} == f.metadata["bounds"], f"{section}.{f.name}"
 
 
 def test_names_columns_status_subresource():
@@ -122,21 +147,32 @@ def test_every_number_in_a_spec_is_bounded():
                      and ("maximum" not in s or "minimum" not in s)]
         assert unbounded == [], f"{kind}: integer/number fields without minimum and maximum: {unbounded}"
     training = version("SFTJob")["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["training"]
-    assert training["properties"]["maxSteps"]["maximum"] == crd_schema.MAX_STEPS < 2**31
+    assert training["properties"]["maxSteps"]["maximum"] == tc.MAX_STEPS < 2**31
 
 
-def test_bounds_keep_the_trainers_minimums():
-    """The trainer's own checks (config.validate) and the schema agree on every minimum both have."""
-    cfg = tc.TrainerConfig()
-    for path, _value, minimum in tc._positive(cfg):
-        *sections, name = path.split(".")  # nested sections too: ppo.rewards.endpoint.max_retries
-        obj = cfg
-        for section in sections:
-            obj = getattr(obj, section)
-        cls = type(obj)
-        bound = crd_schema.BOUNDS.get((cls, name))
-        if bound is not None:  # an exclusive minimum of 0 stands for the trainer's tiny positive one
-            assert bound["minimum"] >= minimum or (bound.get("exclusiveMinimum") and minimum > bound["minimum"]), path
+def test_the_trainer_refuses_what_the_schema_refuses():
+    """config.validate enforces the same bounds (the maximums too), naming the field: one step past either end
+    of every bounded number fails with `<path>: must be >= N, got V` (or <=, >, <)."""
+    for path, f in bounded_fields():
+        b = f.metadata["bounds"]
+        step = 1 if f.type in (int, "int") else 0.5
+        ends = []
+        if "minimum" in b:
+            low = b["minimum"] if b.get("exclusiveMinimum") else b["minimum"] - step
+            ends.append((low, f">{'' if b.get('exclusiveMinimum') else '='} {b['minimum']}"))
+        if "maximum" in b:
+            high = b["maximum"] if b.get("exclusiveMaximum") else b["maximum"] + step
+            ends.append((high, f"<{'' if b.get('exclusiveMaximum') else '='} {b['maximum']}"))
+        for value, rule in ends:
+            cfg = tc.TrainerConfig()
+            *sections, name = path.split(".")
+            obj = cfg
+            for section in sections:
+                obj = getattr(obj, section)
+            setattr(obj, name, value)
+            with pytest.raises(tc.ConfigError) as e:
+                tc.validate(cfg)
+            assert str(e.value) == f"{path}: must be {rule}, got {value}"
 
 
 def test_names_keys_and_paths_under_a_mount_carry_patterns():

@@ -8,26 +8,17 @@ checkpoints the SFT and reward-model jobs wrote (digests recorded by the trainer
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
+from pipeline_helpers import UPSTREAM_SHORT, claim_dir, run_pipeline
 from rlhf_operator.names import pod_name, pvc_name
 
 from localcluster import Cluster
 
-REPO = Path(__file__).resolve().parents[2]
-
 SHORT = [
-    "SFTJob/policy-sft:spec.training.maxSteps=6",
-    "SFTJob/policy-sft:spec.checkpoint.everySteps=3",
-    "RewardModelJob/harmless-rm:spec.training.maxSteps=4",
-    "RewardModelJob/harmless-rm:spec.training.evalEvery=0",
-    "RewardModelJob/harmless-rm:spec.dataset.maxSamples=120",
-    "RewardModelJob/harmless-rm:spec.checkpoint.everySteps=2",
+    *UPSTREAM_SHORT,
     "PPOJob/harmless-ppo:spec.training.maxSteps=2",
     "PPOJob/harmless-ppo:spec.ppo.rolloutBatchSize=4",
     "PPOJob/harmless-ppo:spec.ppo.minibatchSize=4",
@@ -36,29 +27,12 @@ SHORT = [
 ]
 
 
-def _final_dir(kubeconfig: str, namespace: str, claim: str) -> Path:
-    out = subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "-n", namespace, "get", "pvc", claim, "-o", "json"],
-                         capture_output=True, text=True, check=True)
-    pv_name = json.loads(out.stdout)["spec"]["volumeName"]
-    pv = json.loads(subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "get", "pv", pv_name, "-o", "json"],
-                                   capture_output=True, text=True, check=True).stdout)
-    src = pv["spec"].get("hostPath") or pv["spec"].get("local")
-    return Path(src["path"]) / "final"
-
-
 @pytest.mark.slow
 def test_short_pipeline_hands_exact_checkpoints_to_ppo(tmp_path):
     state, out = tmp_path / "cluster", tmp_path / "out"
-    args = [sys.executable, "-m", "rlhf_pipeline", "run", "--state-dir", str(state), "--out", str(out),
-            "--keep-cluster", "--timeout", "1500"]
-    for s in SHORT:
-        args += ["--set", s]
-    env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
-    env["DS_ACCELERATOR"] = "cpu"
     cluster = Cluster(str(state))
     try:
-        proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=1700)
-        assert proc.returncode == 0, f"pipeline failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-3000:]}"
+        proc = run_pipeline(state, out, SHORT)
         assert "=== RLHF pipeline summary ===" in proc.stdout
         summary = json.loads((out / "summary.json").read_text())
         assert summary["ok"] is True
@@ -71,7 +45,7 @@ def test_short_pipeline_hands_exact_checkpoints_to_ppo(tmp_path):
 
         # Exact hand-over: what PPO read (digests it recorded) is what the upstream jobs wrote.
         kc = str(state / "kubeconfig")
-        finals = {name: _final_dir(kc, "rlhf-demo", pvc_name(kind, name))
+        finals = {name: claim_dir(kc, "rlhf-demo", pvc_name(kind, name)) / "final"
                   for kind, name in (("SFTJob", "policy-sft"), ("RewardModelJob", "harmless-rm"), ("PPOJob", "harmless-ppo"))}
         meta = {name: json.loads((d / "rlhf_metadata.json").read_text()) for name, d in finals.items()}
         read = meta["harmless-ppo"]["inputs"]["digests"]

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def pod_process(namespace: str, pod: str, program: str) -> int | None:
+def pod_process(namespace: str, pod: str, program: str, exclude: str = "") -> int | None:
     """PID of the process of pod `namespace/pod` whose command line contains `program` (e.g. the trainer's
-    module or script name), found by the POD_NAME and RLHF_JOB_NAMESPACE its environment carries."""
+    module or script name) and not `exclude` (e.g. "torchrun", for the worker it started), found by the
+    POD_NAME and RLHF_JOB_NAMESPACE its environment carries."""
     wanted = (f"POD_NAME={pod}".encode(), f"RLHF_JOB_NAMESPACE={namespace}".encode())
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -17,7 +18,8 @@ def pod_process(namespace: str, pod: str, program: str) -> int | None:
             cmdline = (proc / "cmdline").read_bytes()
         except OSError:
             continue
-        if all(w in environ for w in wanted) and program.encode() in cmdline:
+        if all(w in environ for w in wanted) and program.encode() in cmdline and not (
+                exclude and exclude.encode() in cmdline):
             return int(proc.name)
     return None
 

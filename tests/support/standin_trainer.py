@@ -1,6 +1,6 @@
 """A small stand-in trainer that speaks the trainer contract, for fast operator tests.
 
-    python tests/support/standin_trainer.py {sft,reward,ppo} --config FILE   (or $RLHF_CONFIG)
+    python tests/support/standin_trainer.py {sft,reward,ppo,dpo} --config FILE   (or $RLHF_CONFIG)
 
 It does what the operator relies on, without torch: parses the config with the trainer's own
 parser (rlhf_trainer.config), serves the contract's Prometheus metrics on $POD_IP:<metrics.port>,
@@ -117,6 +117,8 @@ def model_inputs(cfg: tc.TrainerConfig) -> dict[str, str]:
     if cfg.stage == "ppo":
         roles = {"actor": cfg.ppo.actor, "reward_model": cfg.ppo.reward_model, "critic": cfg.ppo.critic,
                  "reference": cfg.ppo.reference}
+    elif cfg.stage == "dpo":
+        roles = {"policy": cfg.dpo.policy, "reference": cfg.dpo.reference, "reward_model": cfg.dpo.online.reward_model}
     else:
         roles = {"model": cfg.model}
     return {role: m.path for role, m in roles.items() if m.path}
@@ -166,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     labels = {"namespace": cfg.job.namespace, "job": cfg.job.name, "stage": cfg.stage}
     registry = CollectorRegistry()
     names = [contract.M_STEP, contract.M_TOTAL_STEPS, contract.M_LOSS, contract.M_LAST_CHECKPOINT_STEP, contract.M_RESUMED_FROM_STEP]
-    names += {"sft": [], "reward": [contract.M_RM_EVAL_ACCURACY], "ppo": [contract.M_PPO_REWARD_MEAN, contract.M_PPO_KL]}[cfg.stage]
+    names += {"sft": [], "reward": [contract.M_RM_EVAL_ACCURACY], "ppo": [contract.M_PPO_REWARD_MEAN, contract.M_PPO_KL],
+              "dpo": [contract.M_DPO_REWARD_ACCURACY, contract.M_DPO_ROUND, contract.M_DPO_ROUNDS]}[cfg.stage]
     gauges = {name: Gauge(name, name, list(labels), registry=registry).labels(**labels) for name in names}
     if cfg.metrics.port:
         host = cfg.metrics.host or os.environ.get(contract.ENV_POD_IP) or "0.0.0.0"
@@ -205,6 +208,11 @@ def main(argv: list[str] | None = None) -> None:
         if cfg.stage == "ppo":
             values[contract.M_PPO_REWARD_MEAN] = 0.1 * step
             values[contract.M_PPO_KL] = 0.01 * step
+        if cfg.stage == "dpo":  # online: the rounds split the steps evenly
+            rounds = cfg.dpo.online.rounds
+            values[contract.M_DPO_REWARD_ACCURACY] = 0.5 + 0.4 * step / total
+            values[contract.M_DPO_ROUNDS] = rounds
+            values[contract.M_DPO_ROUND] = -(-step * rounds // total) if rounds else 0
         for name, value in values.items():
             gauges[name].set(value)
         if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -33,7 +34,14 @@ def base(tmp_path, minilm_path) -> dict:
     }
 
 
+def fresh_termination_log() -> None:
+    """Each run starts as a new container does, with an empty termination log (a recorded failure stays)."""
+    if c.ENV_TERMINATION_LOG in os.environ:
+        Path(os.environ[c.ENV_TERMINATION_LOG]).unlink(missing_ok=True)
+
+
 def run_cli(tmp_path, stage: str, config: dict) -> int:
+    fresh_termination_log()
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(SystemExit) as e:
@@ -47,6 +55,7 @@ def test_bad_config_exits_2_naming_the_field(tmp_path, base, term_log, capsys):
     assert "training.batch_size" in capsys.readouterr().err
     assert run_cli(tmp_path, "reward", {**base, "stage": "sft"}) == c.EXIT_CONFIG_ERROR
     assert "stage is 'sft' but the command runs the 'reward' stage" in term_log.read_text()
+    fresh_termination_log()
     with pytest.raises(SystemExit) as e:
         cli.main(["reward", "--config", str(tmp_path / "missing.yaml")])
     assert e.value.code == c.EXIT_CONFIG_ERROR and "cannot read config file" in term_log.read_text()
@@ -58,7 +67,7 @@ def test_bad_data_exits_3_before_any_model_is_loaded(tmp_path, base, term_log):
     cfg = {**base, "dataset": {"path": str(bad)}, "model": {"path": str(tmp_path / "no-such-model")}}
     assert run_cli(tmp_path, "reward", cfg) == c.EXIT_DATA_ERROR
     assert term_log.read_text() == f"data error: {bad}:2: field 'rejected' is missing; " \
-                                   "format prompt_chosen_rejected needs prompt, chosen, rejected (strings)"
+                                   "format prompt_chosen_rejected needs prompt, chosen, rejected (strings)\n[exit 3]"
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert run_cli(tmp_path, "sft", {**cfg, "dataset": {"path": str(empty)}}) == c.EXIT_DATA_ERROR
@@ -74,7 +83,7 @@ def test_data_that_is_not_utf8_exits_3_naming_file_and_offset(tmp_path, base, te
     latin1.write_bytes(b'{"prompt": "caf\xe9", "chosen": "c", "rejected": "r"}\n')
     assert run_cli(tmp_path, "reward", {**base, "dataset": {"path": str(latin1)}}) == c.EXIT_DATA_ERROR
     assert term_log.read_text() == (f"data error: {latin1}:1: byte offset 15: byte 0xe9 is not UTF-8 (invalid "
-                                    "continuation byte); expected UTF-8 JSON lines")
+                                    "continuation byte); expected UTF-8 JSON lines\n[exit 3]")
 
 
 def test_unreadable_model_path_exits_4(tmp_path, base, term_log):
@@ -103,4 +112,4 @@ def test_module_entry_point_reads_rlhf_config_and_sets_the_exit_code(tmp_path):
     assert proc.returncode == c.EXIT_CONFIG_ERROR
     assert "unknown field(s) bogus" in log.read_text() and "unknown field(s) bogus" in proc.stderr
     help_out = subprocess.run([sys.executable, "-m", "rlhf_trainer", "--help"], capture_output=True, text=True)
-    assert help_out.returncode == 0 and "{sft,reward,ppo}" in help_out.stdout
+    assert help_out.returncode == 0 and "{sft,reward,ppo,dpo}" in help_out.stdout

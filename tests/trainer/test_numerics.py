@@ -11,13 +11,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from rlhf_trainer import cli, ppo_rollout  # noqa: E402
 from rlhf_trainer import contract as c  # noqa: E402
+from rlhf_trainer import ppo_rollout  # noqa: E402
 from rlhf_trainer.config import from_dict  # noqa: E402
 from rlhf_trainer.runtime import nonfinite  # noqa: E402
 from rlhf_trainer.runtime.failure import NonFiniteGradients  # noqa: E402
 from rlhf_trainer.runtime.strategy import Strategy, resolve_use_deepspeed  # noqa: E402
-from trainer_support import counting_examples, tiny_gpt2, write_jsonl  # noqa: E402
+from trainer_support import counting_examples, run_cli, tiny_gpt2, write_jsonl  # noqa: E402
 
 # --- a strict attention kernel -------------------------------------------------------------------
 
@@ -213,13 +213,6 @@ def sft_config(tmp_path, minilm_path, monkeypatch):
         return path
 
     return build
-
-
-def run_cli(path) -> int:
-    try:
-        return cli.main(["sft", "--config", str(path)])
-    except SystemExit as e:
-        return e.code
 
 
 def test_skipped_steps_are_logged_and_reported_in_the_final_message(sft_config, tmp_path, monkeypatch, capsys):

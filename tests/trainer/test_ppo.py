@@ -101,6 +101,19 @@ def mean(xs) -> float:
     return sum(xs) / len(xs)
 
 
+def constant_reward_model(world: Path, out: Path) -> Path:
+    """A reward model on the actor's tokenizer that scores every response 1.5 (zero head weights, bias 1.5),
+    saved with the statistics mean 0.5, std 2 (normalised score 0.5)."""
+    tok = models.load_tokenizer(models.ModelConfig(path=str(world / "actor")))
+    torch.manual_seed(1)
+    rm = models.RewardModel(transformers.GPT2Model(gpt2_config(tok)))
+    with torch.no_grad():
+        rm.value_head.weight.zero_()
+        rm.value_head.bias.fill_(1.5)
+    models.save_reward_model(rm, tok, out, {"mean": 0.5, "std": 2.0, "n": 10}, max_length=64)
+    return out
+
+
 def test_ppo_raises_reward_with_bounded_kl_and_zero_lr_does_not(world, tmp_path, capsys):
     result = ppo.run(ppo_config(world, tmp_path / "learn"))
     learn = logged_steps(capsys.readouterr().out)
@@ -196,13 +209,7 @@ def test_ppo_with_reward_model_scorer_and_critic_from_it(world, tmp_path, capsys
     """An RM whose score is the constant 1.5 (zero head weights, bias 1.5) with saved stats mean 0.5,
     std 2: every response scores 1.5, the critic (a copy of the RM) values every state at 1.5, and
     with no KL the return of every token is the normalised score (1.5 - 0.5) / 2 = 0.5."""
-    tok = models.load_tokenizer(models.ModelConfig(path=str(world / "actor")))
-    torch.manual_seed(1)
-    rm = models.RewardModel(transformers.GPT2Model(gpt2_config(tok)))
-    with torch.no_grad():
-        rm.value_head.weight.zero_()
-        rm.value_head.bias.fill_(1.5)
-    models.save_reward_model(rm, tok, tmp_path / "rm", {"mean": 0.5, "std": 2.0, "n": 10}, max_length=64)
+    constant_reward_model(world, tmp_path / "rm")
     cfg = ppo_config(world, tmp_path / "run", training={"max_steps": 1, "learning_rate": 0.0},
                      ppo={"reward_fn": "", "reward_model": {"path": str(tmp_path / "rm")}, "gamma": 1.0, "lam": 1.0})
     ppo.run(cfg)

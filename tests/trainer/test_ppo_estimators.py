@@ -21,12 +21,12 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from rlhf_trainer import contract as c  # noqa: E402
-from rlhf_trainer import models, ppo  # noqa: E402
+from rlhf_trainer import ppo  # noqa: E402
 from rlhf_trainer.config import ConfigError  # noqa: E402
 from rlhf_trainer.reward_endpoint import RewardEndpointError  # noqa: E402
 from rlhf_trainer.runtime.failure import Preempted  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from test_ppo import gpt2_config, logged_steps, make_world, mean, ppo_config  # noqa: E402
+from test_ppo import constant_reward_model, logged_steps, make_world, mean, ppo_config  # noqa: E402
 
 KL_BOUND = 8.0  # nats per response, as in test_ppo
 SAYS_GOOD = {"format": {"pattern": r".*\bgood\b.*"}}
@@ -153,13 +153,7 @@ def test_an_endpoint_that_keeps_failing_stops_with_a_checkpoint_to_resume_from(w
 def test_reward_model_and_rules_are_summed_with_weights(world, tmp_path, capsys):
     """A reward model scoring every response 1.5 (saved statistics mean 0.5, std 2: normalised 0.5) with weight
     0.5, plus the rule "says good" with weight 2: reward = 0.25 + 2 * rule, each source logged on its own."""
-    tok = models.load_tokenizer(models.ModelConfig(path=str(world / "actor")))
-    torch.manual_seed(1)
-    rm = models.RewardModel(transformers.GPT2Model(gpt2_config(tok)))
-    with torch.no_grad():
-        rm.value_head.weight.zero_()
-        rm.value_head.bias.fill_(1.5)
-    models.save_reward_model(rm, tok, tmp_path / "rm", {"mean": 0.5, "std": 2.0, "n": 10}, max_length=64)
+    constant_reward_model(world, tmp_path / "rm")
     rewards = {"model_weight": 0.5, "format": {**SAYS_GOOD["format"], "weight": 2.0}}
     ppo.run(rl_config(world, tmp_path / "run", "grpo", training={"max_steps": 1, "learning_rate": 0.0},
                       ppo={"reward_model": {"path": str(tmp_path / "rm")}, "rewards": rewards}))

@@ -19,6 +19,7 @@ from rlhf_trainer.ppo_rollout import (  # noqa: E402
     sample_responses,
 )
 from rlhf_trainer.ppo_scorers import CountScorer, rule_scorer  # noqa: E402
+from trainer_support import token_lm  # noqa: E402
 
 VOCAB, PAD, EOS = 24, 0, 1
 
@@ -28,10 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # trainer/conftest.py: one t
 
 @pytest.fixture(scope="module")
 def lm():
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_layer=2, n_embd=32, n_head=2, n_positions=64,
-                                  bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD)
-    return transformers.GPT2LMHeadModel(cfg).eval()
+    return token_lm(VOCAB, EOS, PAD, positions=64)
 
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]

@@ -180,7 +180,7 @@ def test_fail_writes_the_termination_message_and_exits_with_the_code(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, c.ENV_TERMINATION_LOG: str(log)},
                           capture_output=True, text=True)
     assert proc.returncode == 3
-    assert log.read_text() == "data error: rows.jsonl:7: field x is missing"
+    assert log.read_text() == "data error: rows.jsonl:7: field x is missing\n[exit 3]"  # the code: runtime.failure
     assert "rows.jsonl:7" in proc.stderr
 
 

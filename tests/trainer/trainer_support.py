@@ -66,3 +66,24 @@ def word_tokenizer(extra_words: list[str] = (), chat_template: str | None = None
     if chat_template:
         tok.chat_template = chat_template
     return tok
+
+
+def run_cli(config_path: Path | str, stage: str = "sft") -> int:
+    """Exit code of the trainer's command line (`python -m rlhf_trainer STAGE --config PATH`), run in this process."""
+    from rlhf_trainer import cli
+
+    try:
+        return cli.main([stage, "--config", str(config_path)])
+    except SystemExit as e:
+        return e.code
+
+
+def token_lm(vocab: int, eos: int, pad: int, positions: int = 128):
+    """A GPT-2 causal LM over plain token ids (2 layers, 32 wide, seed 0) in eval mode: generation tests."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=vocab, n_layer=2, n_embd=32, n_head=2, n_positions=positions,
+                                  bos_token_id=eos, eos_token_id=eos, pad_token_id=pad)
+    return transformers.GPT2LMHeadModel(cfg).eval()

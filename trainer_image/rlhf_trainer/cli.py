@@ -1,10 +1,12 @@
-"""Command line: ``python -m rlhf_trainer {sft,reward,ppo} --config FILE`` (or ``$RLHF_CONFIG``).
+"""Command line: ``python -m rlhf_trainer {sft,reward,ppo,dpo} --config FILE`` (or ``$RLHF_CONFIG``).
 
 Exit codes (``contract``): 0 done, 2 bad config, 3 bad data, 4 unreadable model, 5 NaN/Inf loss,
 7 a checkpoint changed after it was written, 8 the reward endpoint kept failing (retried), 9 the reward
 endpoint refused the request (permanent), 143 stopped by SIGTERM after writing a checkpoint. The
 reason of a failure is printed and also written to the container's termination message
-(``$RLHF_TERMINATION_LOG``); a success message carries the final progress (incl. ``resumedFromStep``).
+(``$RLHF_TERMINATION_LOG``) with a last line ``[exit N, rank R]`` (runtime.failure), so the operator sees the
+trainer's code also when torchrun ends the container with its own; a success message carries the final progress
+(incl. ``resumedFromStep``).
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import sys
 
 from . import contract
 from .config import CONFIG_FILE_NAME, CONFIG_MOUNT_DIR, STAGES, ConfigError, TrainerConfig, load_config
-from .runtime.failure import Preempted, TrainerError, fail, write_termination_message
+from .runtime.failure import Preempted, TrainerError, fail, record_failure, write_termination_message
 
 # Stage -> module with run(cfg); imported lazily so that `--help` and config errors need no torch.
-STAGE_MODULES = {"sft": "rlhf_trainer.sft", "reward": "rlhf_trainer.reward", "ppo": "rlhf_trainer.ppo"}
+STAGE_MODULES = {"sft": "rlhf_trainer.sft", "reward": "rlhf_trainer.reward", "ppo": "rlhf_trainer.ppo",
+                 "dpo": "rlhf_trainer.dpo"}
 
 
 _KIND = {"DataError": "data error", "ModelError": "model error", "NumericError": "numeric error",
@@ -30,7 +33,7 @@ _KIND = {"DataError": "data error", "ModelError": "model error", "NumericError":
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m rlhf_trainer", description="RLHF trainer: SFT, reward model, PPO.")
+    p = argparse.ArgumentParser(prog="python -m rlhf_trainer", description="RLHF trainer: SFT, reward model, PPO, DPO.")
     p.add_argument("stage", choices=STAGES, help="training stage to run")
     p.add_argument(
         "--config",
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainerError as e:
         fail(e.exit_code, f"{_KIND.get(type(e).__name__, 'error')}: {e}")
     except Exception as e:  # a bug or an environment problem: keep the traceback, record the reason
-        write_termination_message(f"unexpected error: {type(e).__name__}: {e}")
+        record_failure(1, f"unexpected error: {type(e).__name__}: {e}")  # Python exits 1 on an uncaught error
         raise
     final = (result or {}).get("final_dir")
     if int(os.environ.get("RANK", "0")) == 0:

@@ -66,6 +66,22 @@ M_PPO_REWARD_SOURCE_MEAN = "rlhf_ppo_reward_source_mean"  # gauge with extra lab
 M_PPO_CRITIC_ENABLED = "rlhf_ppo_critic_enabled"  # 1: a critic is loaded and trained (gae); 0: critic-free
 M_PPO_KL_LOSS = "rlhf_ppo_kl_loss"  # the k3 KL term of the actor's loss (ppo.kl_in_loss)
 
+# DPO gauges (training batches; the eval_ ones on the held-out split). rewards_* are the implicit rewards
+# beta * (log pi - log pi_ref) of the chosen and rejected responses, margin their difference.
+M_DPO_LOSS = "rlhf_dpo_loss"
+M_DPO_REWARDS_CHOSEN = "rlhf_dpo_rewards_chosen"
+M_DPO_REWARDS_REJECTED = "rlhf_dpo_rewards_rejected"
+M_DPO_REWARD_ACCURACY = "rlhf_dpo_reward_accuracy"
+M_DPO_MARGIN = "rlhf_dpo_margin"
+M_DPO_EVAL_REWARD_ACCURACY = "rlhf_dpo_eval_reward_accuracy"
+M_DPO_EVAL_MARGIN = "rlhf_dpo_eval_margin"
+M_DPO_ROUND = "rlhf_dpo_round"  # online: the current round, 1-based (0 = offline)
+M_DPO_ROUNDS = "rlhf_dpo_rounds"  # online: planned rounds (0 = offline)
+M_DPO_BEST_REWARD_MEAN = "rlhf_dpo_best_reward_mean"  # online: mean reward of each prompt's chosen (best) sample
+M_DPO_WORST_REWARD_MEAN = "rlhf_dpo_worst_reward_mean"  # online: mean reward of the rejected (worst) samples
+M_DPO_RESPONSE_LENGTH = "rlhf_dpo_response_length"  # online: mean sampled response length (tokens)
+M_DPO_SKIPPED_GROUPS = "rlhf_dpo_skipped_groups"  # online: prompts of the round with no pair (all scores equal)
+
 # The progress contract, in one table: each row is one status.progress key, the metric it is read from
 # (on the metrics endpoint while the trainer runs, and in its success termination message), int or float,
 # the stages that report it (empty: every stage), its description in the CRDs, and the `kubectl get`
@@ -100,6 +116,20 @@ PROGRESS = (
     ProgressField("reward", M_PPO_REWARD_MEAN, float, "Latest mean reward (PPO).",
                   stages=("ppo",), column="Reward", column_help="Latest mean reward of the rollouts."),
     ProgressField("kl", M_PPO_KL, float, "Latest KL to the reference policy (PPO).", stages=("ppo",)),
+    ProgressField("rewardAccuracy", M_DPO_REWARD_ACCURACY, float,
+                  "Latest fraction of preference pairs whose implicit reward ranks chosen above rejected (DPO).",
+                  stages=("dpo",), column="Accuracy",
+                  column_help="Latest fraction of pairs the policy ranks right (implicit reward, DPO)."),
+    ProgressField("margin", M_DPO_MARGIN, float,
+                  "Latest mean implicit-reward margin, chosen minus rejected (DPO).", stages=("dpo",)),
+    ProgressField("round", M_DPO_ROUND, int, "Current online DPO round, 1-based (0 = offline DPO).",
+                  stages=("dpo",)),
+    ProgressField("rounds", M_DPO_ROUNDS, int, "Planned online DPO rounds (0 = offline DPO).", stages=("dpo",)),
+    ProgressField("bestReward", M_DPO_BEST_REWARD_MEAN, float,
+                  "Mean reward of the chosen (best-of-n) responses of the latest online DPO round.", stages=("dpo",)),
+    ProgressField("worstReward", M_DPO_WORST_REWARD_MEAN, float,
+                  "Mean reward of the rejected (worst-of-n) responses of the latest online DPO round.",
+                  stages=("dpo",)),
     ProgressField("checkpointStep", M_LAST_CHECKPOINT_STEP, int, "Step of the newest complete checkpoint."),
     ProgressField("resumedFromStep", M_RESUMED_FROM_STEP, int,
                   "Checkpoint step the current trainer pod restored at its start, as the trainer reports it; -1 "

@@ -24,7 +24,7 @@ from .runtime.checkpoint import fsync_tree
 def build_metadata(cfg: TrainerConfig, steps: int, metrics: dict[str, float],
                    extra: dict[str, Any] | None = None) -> dict:
     """The content of rlhf_metadata.json (pure)."""
-    model = cfg.ppo.actor if cfg.stage == "ppo" else cfg.model
+    model = {"ppo": cfg.ppo.actor, "dpo": cfg.dpo.policy}.get(cfg.stage, cfg.model)
     return {
         "stage": cfg.stage,
         "steps": steps,
@@ -61,6 +61,8 @@ def input_model_dirs(cfg: TrainerConfig) -> list[str]:
     """The model directories a stage reads (for the digests in its metadata)."""
     if cfg.stage == "ppo":
         models = [cfg.ppo.actor, cfg.ppo.reward_model, cfg.ppo.critic, cfg.ppo.reference]
+    elif cfg.stage == "dpo":
+        models = [cfg.dpo.policy, cfg.dpo.reference, cfg.dpo.online.reward_model]
     else:
         models = [cfg.model]
     return sorted({m.path for m in models if m.path and Path(m.path).is_dir()})

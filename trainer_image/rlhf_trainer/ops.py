@@ -389,3 +389,98 @@ def is_finite(x: torch.Tensor | float) -> bool:
     if isinstance(x, torch.Tensor):
         return bool(torch.isfinite(x).all())
     return math.isfinite(x)
+
+
+# --- DPO -----------------------------------------------------------------------------------------
+#
+# Sequence log-probs are sums over the *response* tokens of a sequence (prompt and padding excluded).
+# For a pair, the DPO logit is ``h = (log pi(y_w) - log pi(y_l)) - (log ref(y_w) - log ref(y_l))``:
+# how much more the policy prefers the chosen response y_w than the reference does.
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Summed log-prob of each sequence's labelled tokens: logits ``(B, L, V)``, labels ``(B, L)`` -> ``(B,)``.
+
+    ``labels`` holds the token ids on response positions and ``ignore_index`` on prompt and padding
+    positions; token ``t`` is predicted by the logits at ``t - 1`` (so ``labels[:, 0]`` never counts).
+    """
+    target = labels[:, 1:]
+    keep = target != ignore_index
+    logp = gather_logprobs(logits[:, :-1], target.masked_fill(~keep, 0))
+    return torch.where(keep, logp, torch.zeros_like(logp)).sum(-1)
+
+
+def dpo_logits(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+               ref_rejected: torch.Tensor, reference_free: bool = False) -> torch.Tensor:
+    """``h = (pi_w - pi_l) - (ref_w - ref_l)`` per pair; reference-free: ``h = pi_w - pi_l``."""
+    h = policy_chosen - policy_rejected
+    return h if reference_free else h - (ref_chosen - ref_rejected)
+
+
+def dpo_sigmoid_loss(h: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """DPO (Rafailov et al. 2023): ``-log sigmoid(beta * h)`` per pair. With label smoothing ``eps``
+    (conservative DPO: each label is wrong with probability eps) ``-(1 - eps) log sigmoid(beta h)
+    - eps log sigmoid(-beta h)``."""
+    z = beta * h
+    return -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+
+
+def ipo_loss(h: torch.Tensor, beta: float) -> torch.Tensor:
+    """IPO (Azar et al. 2023): ``(h - 1 / (2 beta))^2`` per pair - regresses the log-ratio gap to a finite
+    target instead of pushing it to infinity."""
+    return (h - 1.0 / (2.0 * beta)) ** 2
+
+
+def hinge_loss(h: torch.Tensor, beta: float) -> torch.Tensor:
+    """SLiC hinge (Zhao et al. 2023): ``max(0, 1 - beta * h)`` per pair."""
+    return torch.relu(1.0 - beta * h)
+
+
+class DPOLoss(NamedTuple):
+    loss: torch.Tensor  # mean over the pairs
+    chosen_rewards: torch.Tensor  # (B,) implicit rewards beta * (pi_w - ref_w), detached
+    rejected_rewards: torch.Tensor  # (B,) beta * (pi_l - ref_l), detached
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+             reference_free: bool = False) -> DPOLoss:
+    """The DPO family on sequence log-probs ``(B,)`` of the policy and the reference: sigmoid (with optional
+    label smoothing), ipo or hinge of :func:`dpo_logits`. The implicit rewards are ``beta`` times the policy's
+    log-ratio to the reference (to 0 when ``reference_free``); their accuracy and margin are the DPO metrics."""
+    h = dpo_logits(policy_chosen, policy_rejected, ref_chosen, ref_rejected, reference_free)
+    if loss_type == "sigmoid":
+        losses = dpo_sigmoid_loss(h, beta, label_smoothing)
+    elif loss_type == "ipo":
+        losses = ipo_loss(h, beta)
+    elif loss_type == "hinge":
+        losses = hinge_loss(h, beta)
+    else:
+        raise ValueError(f"dpo_loss: unknown loss {loss_type!r}; use sigmoid, ipo or hinge")
+    with torch.no_grad():
+        zero = torch.zeros_like(policy_chosen)
+        chosen = beta * (policy_chosen - (zero if reference_free else ref_chosen))
+        rejected = beta * (policy_rejected - (zero if reference_free else ref_rejected))
+    return DPOLoss(losses.mean(), chosen.detach(), rejected.detach())
+
+
+def best_worst_pairs(rewards: torch.Tensor, lengths: torch.Tensor, length_penalty: float = 0.0,
+                     tol: float = 1e-6) -> tuple[list[tuple[int, int, int]], int]:
+    """Online DPO pair selection (best-of-n vs worst-of-n): rewards and response lengths ``(P, n)`` of the
+    ``n`` samples of ``P`` prompts; a sample's score is ``reward - length_penalty * length``.
+
+    Returns ``[(prompt, best sample, worst sample), ...]`` and the number of prompts skipped because the
+    best and the worst score tie (every score of the group equal within ``tol``): they carry no preference.
+    Ties for first or last place go to the lower sample index, so the choice is reproducible."""
+    if rewards.dim() != 2 or rewards.shape != lengths.shape:
+        raise ValueError(f"best_worst_pairs: rewards {tuple(rewards.shape)} and lengths {tuple(lengths.shape)} "
+                         "must both be (prompts, samples)")
+    scores = rewards.double() - length_penalty * lengths.double()
+    pairs, skipped = [], 0
+    for i, row in enumerate(scores.tolist()):
+        hi, lo = max(row), min(row)
+        if hi - lo <= tol:
+            skipped += 1
+            continue
+        pairs.append((i, row.index(hi), row.index(lo)))
+    return pairs, skipped

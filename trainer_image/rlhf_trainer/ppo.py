@@ -40,14 +40,15 @@ from torch import nn
 from . import contract as c
 from . import data, models, ops
 from .config import ConfigError, TrainerConfig
-from .data.encoding import collate_sft, encode_prompt, encode_sft
+from .data import token_cache
+from .data.encoding import collate_sft, encode_prompt, encode_prompt_many, encode_sft
 from .data.formats import Record
 from .export import build_metadata, export_final
 from .ppo_rollout import Rollout, finish_rollout, response_logprobs, response_values, sample_responses
 from .ppo_scorers import RewardModelScorer, Scorer, build_scorer
 from .reward_endpoint import EndpointScorer, RewardEndpointError
 from .runtime import failure, nonfinite
-from .runtime.checkpoint import CheckpointManager
+from .runtime.loop import Resumable, run_loop
 from .runtime.metrics import TrainerMetrics
 from .runtime.strategy import Strategy
 
@@ -179,6 +180,19 @@ class PromptSchedule:
         return [self._perm(s // self.n)[s % self.n] for s in range(start, start + self.per_rank)]
 
 
+def encode_prompts(cfg: TrainerConfig, tokenizer, records: Sequence[Record]) -> dict[Record, list[int]]:
+    """Every prompt's ids, tokenised once per run in one batched call and kept on the claim like the reward and
+    SFT ids (data.token_cache: keyed by the prompts, the tokenizer and ``ppo.max_prompt_length``)."""
+    length = cfg.ppo.max_prompt_length
+
+    def encode(items: Sequence[Record]) -> list[tuple[list[int]]]:
+        return [(ids,) for ids in encode_prompt_many(tokenizer, [(r.prompt, r.messages) for r in items], length)]
+
+    encoded = token_cache.cached("prompts", tokenizer, {"max_prompt_length": length}, records, encode,
+                                 token_cache.cache_dir(cfg.checkpoint.dir))
+    return {r: ids for r, (ids,) in zip(records, encoded, strict=True)}
+
+
 def left_pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs], dtype=torch.long)
@@ -205,6 +219,7 @@ class PPOTrainer:
         limit = nonfinite.consecutive_limit(cfg)
         self.actor_guard = nonfinite.StepGuard(cfg.stage, "actor", limit)
         self.critic_guard = nonfinite.StepGuard(cfg.stage, "critic", limit)
+        self.prompt_ids: dict[Record, list[int]] = {}
         self.stats_mean, self.stats_std = None, None
         if self.p.normalize_reward and m.scorer.stats:
             self.stats_mean, self.stats_std = float(m.scorer.stats["mean"]), float(m.scorer.stats["std"])
@@ -216,16 +231,18 @@ class PPOTrainer:
                 timings: dict[str, float]) -> tuple[Rollout, torch.Tensor]:
         p, tok, dev = self.p, self.tokenizer, self.device
         t0 = time.perf_counter()
-        prompts = [encode_prompt(tok, r.prompt, p.max_prompt_length, r.messages) for r in records]
+        prompts = [self.prompt_ids.get(r) or encode_prompt(tok, r.prompt, p.max_prompt_length, r.messages)
+                   for r in records]  # prompt_ids: the whole prompt set, encoded once per run (encode_prompts)
         query, query_mask = (x.to(dev) for x in left_pad(prompts, tok.pad_token_id))
         seed = iteration_seed(self.cfg.training.seed, iteration, self.strategy.rank, 1)
         gen = torch.Generator(device=dev).manual_seed(seed)
-        actor = self.strategy.unwrap(self.actor)
-        actor.eval()
-        response, response_mask = sample_responses(
-            actor, query, query_mask, max_new_tokens=p.max_new_tokens, eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, generator=gen,
-        )
+        with self.strategy.gathered_for_generation(self.actor) as actor:  # ZeRO-3: gathered once per rollout
+            actor.eval()
+            response, response_mask = sample_responses(
+                actor, query, query_mask, max_new_tokens=p.max_new_tokens, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                generator=gen, cache_length=p.max_prompt_length + p.max_new_tokens,
+            )
         timings["generate"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -347,51 +364,31 @@ class PPOTrainer:
         return out
 
 
-# --- checkpoints and export ----------------------------------------------------------------------
+# --- checkpoints ---------------------------------------------------------------------------------
 
 
-def save_checkpoint(ckpt: CheckpointManager, strategy: Strategy, trainer: PPOTrainer, iteration: int,
-                    state: dict[str, Any], plan: dict[str, Any], metrics: TrainerMetrics) -> None:
-    t0 = time.perf_counter()
+def resumable(strategy: Strategy, trainer: PPOTrainer, state: dict[str, Any], plan: dict[str, Any]) -> Resumable:
+    """What a PPO checkpoint holds besides the loop's metadata: the actor and critic engines (with optimizers,
+    schedulers, RNG) and ``state`` with the KL controller in ``ppo_state.json``; a resume fills ``state`` back in."""
 
-    def write(tmp: Path) -> None:
+    def save(tmp: Path) -> None:
         strategy.save(trainer.actor, tmp / "actor")
         if trainer.critic is not None:
             strategy.save(trainer.critic, tmp / "critic")
         if strategy.is_main:
             (tmp / STATE_FILE).write_text(json.dumps({**state, "kl_controller": trainer.kl_ctl.state_dict()}, indent=2))
 
-    ckpt.save(iteration, write, {"stage": "ppo", "plan": plan, "metrics": state.get("last_metrics", {})})
-    metrics.observe_checkpoint(time.perf_counter() - t0, iteration)
+    def load(latest: Path) -> None:
+        strategy.load(trainer.actor, latest / "actor")
+        if trainer.critic is not None:
+            strategy.load(trainer.critic, latest / "critic")
+        saved = json.loads((latest / STATE_FILE).read_text())
+        trainer.kl_ctl.load_state_dict(saved.pop("kl_controller"))
+        state.update(saved)
 
-
-def resume_state(cfg: TrainerConfig, strategy: Strategy, trainer: PPOTrainer, ckpt: CheckpointManager,
-                 plan: dict[str, Any], metrics: TrainerMetrics) -> dict[str, Any] | None:
-    """Restore actor, critic (with optimizers, schedulers, RNG) and the loop state of the newest checkpoint
-    (after checking its digests)."""
-    latest = ckpt.latest() if cfg.checkpoint.resume else None
-    if latest is None:
-        metrics.report_resume(None, reason="checkpoint.resume is false" if not cfg.checkpoint.resume else "")
-        return None
-    meta = ckpt.verify_for_resume(latest)
-    if meta.get("stage") != "ppo":
-        raise ConfigError(
-            f"checkpoint.dir {cfg.checkpoint.dir} holds a {meta.get('stage')} checkpoint ({latest.name}) but this "
-            "run is the ppo stage; use an empty checkpoint directory per job"
-        )
-    if meta.get("plan") != plan:
-        raise ConfigError(
-            f"checkpoint {latest} was written with {meta.get('plan')} but this run has {plan}; resume with the same "
-            "prompts, rollout size, processes and seed (or set checkpoint.resume: false)"
-        )
-    strategy.load(trainer.actor, latest / "actor")
-    if trainer.critic is not None:
-        strategy.load(trainer.critic, latest / "critic")
-    saved = json.loads((latest / STATE_FILE).read_text())
-    trainer.kl_ctl.load_state_dict(saved.pop("kl_controller"))
-    log(f"resumed from {latest} at iteration {saved['iteration']}")
-    metrics.report_resume(int(saved["iteration"]), latest)
-    return saved
+    guards = [trainer.actor_guard] + ([trainer.critic_guard] if trainer.critic is not None else [])
+    return Resumable(save, load, plan, plan_key="plan", plan_hint="prompts, rollout size, processes and seed",
+                     guards=guards)
 
 
 # --- the stage -----------------------------------------------------------------------------------
@@ -444,49 +441,28 @@ def _run(cfg: TrainerConfig, strategy: Strategy, metrics: TrainerMetrics, stop: 
         if isinstance(scorer, RewardModelScorer):  # alone, or one of the weighted reward sources
             strategy.prepare_frozen(scorer.model)
     trainer = PPOTrainer(cfg, strategy, m, actor_engine, critic_engine, ptx)
-    trainer.actor_guard.attach(metrics)
-    if trainer.critic is not None:
-        trainer.critic_guard.attach(metrics)
+    trainer.prompt_ids = encode_prompts(cfg, m.tokenizer, records)
     schedule = PromptSchedule(len(records), p.rollout_batch_size // p.samples_per_prompt, strategy.world_size,
                               cfg.training.seed)
     plan = {"prompts": len(records), "rollout_batch_size": p.rollout_batch_size,
             "world_size": strategy.world_size, "seed": cfg.training.seed}
     if p.samples_per_prompt > 1 or p.advantage_estimator != "gae":  # (older checkpoints have neither key)
         plan.update(samples_per_prompt=p.samples_per_prompt, advantage_estimator=p.advantage_estimator)
-    metrics.set_total_steps(total)
-
-    ckpt = CheckpointManager.from_config(cfg, dist=strategy)
     state: dict[str, Any] = {"iteration": 0, "prompt_position": 0, "initial_reward_mean": None, "last_metrics": {}}
-    resumed = resume_state(cfg, strategy, trainer, ckpt, plan, metrics)
-    state.update(resumed or {})
-    start = iteration = int(state["iteration"])
-    last_saved = iteration if resumed else None
-    while iteration < total:
-        if stop.should_stop(iteration, strategy):
-            if last_saved != iteration and iteration > 0:
-                save_checkpoint(ckpt, strategy, trainer, iteration, state, plan, metrics)
-            raise failure.Preempted(f"stopped at iteration {iteration} of {total}; checkpoint saved, "
-                                    "resume to continue")
-        try:
-            values = run_iteration(trainer, records, schedule, iteration)
-        except RewardEndpointError:  # nothing lost: the retried pod resumes at this iteration
-            if last_saved != iteration and iteration > 0:
-                save_checkpoint(ckpt, strategy, trainer, iteration, state, plan, metrics)
-            raise
-        iteration += 1
-        values[c.M_EPOCH] = schedule.position(iteration) / len(records)
-        metrics.add_samples(int(values.pop("samples")))
-        metrics.add_tokens(int(values.pop("tokens")))
-        if iteration % cfg.training.log_every == 0 or iteration == total:
-            metrics.log_step(iteration, values)
+
+    def iteration_step(index: int, _log: bool) -> dict[str, float]:
+        values = run_iteration(trainer, records, schedule, index)
+        values[c.M_EPOCH] = schedule.position(index + 1) / len(records)
+        logged = {k: v for k, v in values.items() if k not in ("samples", "tokens")}
         if state["initial_reward_mean"] is None:
-            state["initial_reward_mean"] = values[c.M_PPO_REWARD_MEAN]
-        state.update(iteration=iteration, prompt_position=schedule.position(iteration), last_metrics=values)
-        if cfg.checkpoint.every_steps and iteration % cfg.checkpoint.every_steps == 0:
-            save_checkpoint(ckpt, strategy, trainer, iteration, state, plan, metrics)
-            last_saved = iteration
-    if last_saved != iteration:
-        save_checkpoint(ckpt, strategy, trainer, iteration, state, plan, metrics)
+            state["initial_reward_mean"] = logged[c.M_PPO_REWARD_MEAN]
+        state.update(iteration=index + 1, prompt_position=schedule.position(index + 1), last_metrics=logged)
+        return values
+
+    # the loop resumes, checkpoints (also on SIGTERM and before a reward endpoint's error ends the run) and logs
+    result = run_loop(cfg, strategy, resumable(strategy, trainer, state, plan), total, iteration_step, metrics, stop,
+                      save_on=(RewardEndpointError,))
+    iteration = result.step
 
     last = state["last_metrics"]
     summary = {
@@ -509,7 +485,7 @@ def _run(cfg: TrainerConfig, strategy: Strategy, metrics: TrainerMetrics, stop: 
         log(f"done: {iteration} iterations; mean reward {summary['initial_reward_mean']} -> "
             f"{summary['final_reward_mean']}, KL {summary['final_kl']}; final model at {final}")
     return {"step": iteration, "metrics": last, **summary, "final_dir": str(final),
-            "resumed_from": start if resumed else -1}  # -1: started fresh
+            "resumed_from": result.resumed_from}  # -1: started fresh
 
 
 def run_iteration(trainer: PPOTrainer, records: list[Record], schedule: PromptSchedule,

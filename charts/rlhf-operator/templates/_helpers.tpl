@@ -145,26 +145,31 @@ the rules the operator declares it needs and runs the operator with exactly thes
 Rules on namespaced resources: in a ClusterRole (all namespaces) or a Role per watched namespace.
 */}}
 {{- define "rlhf-operator.namespacedRules" -}}
-# The three job kinds. get: each reconcile reads the job; list/watch: kopf follows and indexes them
+# The four job kinds. get: each reconcile reads the job; list/watch: kopf follows and indexes them
 # (a job's dependencies are looked up there); delete: ttlSecondsAfterFinished. No patch or update:
 # the operator keeps no finalizers or annotations on jobs.
 - apiGroups: [rlhf.io]
-  resources: [sftjobs, rewardmodeljobs, ppojobs]
+  resources: [sftjobs, rewardmodeljobs, ppojobs, dpojobs]
   verbs: [get, list, watch, delete]
 # Conditions, phase and progress are written through the status subresource (patch only).
 - apiGroups: [rlhf.io]
-  resources: [sftjobs/status, rewardmodeljobs/status, ppojobs/status]
+  resources: [sftjobs/status, rewardmodeljobs/status, ppojobs/status, dpojobs/status]
   verbs: [patch]
 # update on finalizers: children name their job in an ownerReference with blockOwnerDeletion, which
 # clusters with the OwnerReferencesPermissionEnforcement admission plugin allow only with this right.
 - apiGroups: [rlhf.io]
-  resources: [sftjobs/finalizers, rewardmodeljobs/finalizers, ppojobs/finalizers]
+  resources: [sftjobs/finalizers, rewardmodeljobs/finalizers, ppojobs/finalizers, dpojobs/finalizers]
   verbs: [update]
-# Trainer pods. create: one per attempt; list/watch: kopf indexes them (status comes from them);
-# get: a pod just created may not be indexed yet; delete: suspend, deadlines, replacing a failed pod.
+# Trainer pods. create: one per attempt (one per rank for a multi-node job); list/watch: kopf indexes
+# them (status comes from them); get: a pod just created may not be indexed yet; delete: suspend,
+# deadlines, replacing a failed pod; patch: lift a multi-node job's scheduling gate from all its pods.
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch, create, delete]
+  verbs: [get, list, watch, create, delete, patch]
+# A multi-node job's headless Service (its pods' DNS names). create; get: check whose an existing one is.
+- apiGroups: [""]
+  resources: [services]
+  verbs: [get, create]
 # Checkpoint claims. create: one per job; list/watch: kopf indexes them (a claim being deleted fails
 # its job and the jobs reading it); get: one the index has not seen yet, or found under the job's
 # claim name, to check that the job created it (never adopted otherwise); patch: its ownerReference

@@ -1,9 +1,10 @@
 """A trainer pod that failed is replaced after a back-off, up to spec.backoffLimit restarts.
 
 Exit codes the trainer uses for wrong input (contract.PERMANENT_EXIT_CODES) fail the job at once: a retry
-would fail the same way. Before a replacement starts, its inputs are checked again (children.lost_input).
-The wait doubles with each restart (restart_backoff); status.nextAttemptTime says when, and survives an
-operator restart.
+would fail the same way. The code is the trainer's own, recorded in its termination message, also where torchrun
+ends the container with its own 1 (observed.trainer_exit). Before a replacement starts, its inputs are checked
+again (children.lost_input). The wait doubles with each restart (restart_backoff); status.nextAttemptTime says
+when, and survives an operator restart.
 """
 
 from __future__ import annotations

@@ -98,6 +98,14 @@ def encode_prompt(tokenizer, prompt: str, max_length: int, messages=None) -> lis
     return start + body[-(max_length - len(start)):]
 
 
+def encode_prompt_many(tokenizer, prompts: Sequence[tuple[str, object]], max_length: int) -> list[list[int]]:
+    """:func:`encode_prompt` of many (prompt, messages) pairs with one tokenizer call."""
+    start = start_ids(tokenizer)
+    keep = max_length - len(start)
+    bodies = _ids_many(tokenizer, [render_prompt(tokenizer, prompt, messages) for prompt, messages in prompts])
+    return [start + body[-keep:] for body in bodies]
+
+
 def encode_sft(tokenizer, ex: SFTExample, max_length: int, loss_on_prompt: bool = False) -> tuple[list[int], list[int]]:
     """(input ids, labels) with prompt labels set to IGNORE_INDEX unless ``loss_on_prompt``.
 

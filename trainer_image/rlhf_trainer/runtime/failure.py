@@ -2,11 +2,17 @@
 
 Kubernetes shows the container's termination message (``/dev/termination-log``) in the pod status,
 so the operator can put the reason of a failed run into the job's conditions without reading logs.
+A failure's message ends with a line recording the trainer's own exit code (``[exit 3, rank 1]``): under
+torchrun the container ends with torchrun's exit code (1 for any failed worker), and the operator must still
+tell a permanent error from a retryable one. The local ranks of a pod share the file: the first failure
+recorded wins (see :func:`record_failure`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import re
 import signal
 import sys
 import threading
@@ -62,19 +68,60 @@ def termination_log_path() -> str:
     return os.environ.get(contract.ENV_TERMINATION_LOG, contract.DEFAULT_TERMINATION_LOG)
 
 
-def write_termination_message(message: str) -> None:
-    """Best effort: outside a pod the default path is usually not writable, which is fine."""
+_RECORD = re.compile(r"\n?\[exit (\d+)(?:, rank (\d+))?\]\s*\Z")
+_LIMIT = 4000  # bytes; Kubernetes keeps at most 4096 of a termination message
+
+
+def parse_failure(message: str) -> tuple[int | None, int | None, str]:
+    """(exit code, rank, reason) of a termination message that records a failure; (None, None, message)
+    for anything else (a success's metrics, a log tail)."""
+    m = _RECORD.search(message or "")
+    if m is None:
+        return None, None, message
+    return int(m.group(1)), (int(m.group(2)) if m.group(2) else None), message[:m.start()]
+
+
+def _write(message: str, record: str = "") -> bool:
+    """Write `message` (cut to fit) and `record` as the termination message unless a failure is recorded
+    there already. The check and the write hold an exclusive lock on the file, so of several ranks failing at
+    once exactly one is recorded. Best effort: outside a pod the default path is usually not writable."""
+    body = message.encode("utf-8", "replace")[:_LIMIT - len(record)].decode("utf-8", "ignore")
+    data = (body + record).encode("utf-8")
     try:
-        with open(termination_log_path(), "w") as f:
-            f.write(message[:4000])  # Kubernetes keeps at most 4096 bytes
+        fd = os.open(termination_log_path(), os.O_RDWR | os.O_CREAT, 0o666)
     except OSError:
-        pass
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released by the close
+        if parse_failure(os.pread(fd, _LIMIT, 0).decode("utf-8", "replace"))[0] is not None:
+            return False  # the first failure is the cause; later ones (peers, SIGTERM, a bug) are consequences
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def write_termination_message(message: str) -> bool:
+    """A message that records no failure (a success's final metrics); never replaces a recorded failure."""
+    return _write(message)
+
+
+def record_failure(exit_code: int, message: str) -> bool:
+    """Record ``message`` with a last line ``[exit N, rank R]`` as the termination message, unless a failure
+    of this pod is recorded already (then False): the first failing rank's code and reason stay."""
+    rank = os.environ.get("RANK", "")
+    who = f", rank {rank}" if rank.isdigit() else ""
+    return _write(message, f"\n[exit {exit_code}{who}]")
 
 
 def fail(exit_code: int, message: str) -> NoReturn:
-    """Print ``message`` to stderr, record it as the termination message and exit with ``exit_code``."""
+    """Print ``message`` to stderr, record it and ``exit_code`` as the termination message and exit with
+    ``exit_code``."""
     print(f"rlhf-trainer: {message}", file=sys.stderr, flush=True)
-    write_termination_message(message)
+    record_failure(exit_code, message)
     sys.exit(exit_code)
 
 

@@ -51,6 +51,20 @@ GAUGES: dict[str, str] = {
                                   "(no GRPO/RLOO signal).",
     c.M_PPO_CRITIC_ENABLED: "1 when a critic is loaded and trained (gae), 0 with a critic-free advantage estimator.",
     c.M_PPO_KL_LOSS: "KL to the reference as a term of the actor's loss (k3; ppo.kl_in_loss).",
+    c.M_DPO_LOSS: "DPO loss of the last logged step.",
+    c.M_DPO_REWARDS_CHOSEN: "Mean implicit reward beta * (log pi - log ref) of the chosen responses.",
+    c.M_DPO_REWARDS_REJECTED: "Mean implicit reward of the rejected responses.",
+    c.M_DPO_REWARD_ACCURACY: "Fraction of training pairs whose chosen response has the higher implicit reward "
+                             "(ties count half).",
+    c.M_DPO_MARGIN: "Mean implicit-reward margin, chosen minus rejected.",
+    c.M_DPO_EVAL_REWARD_ACCURACY: "Implicit-reward accuracy on the held-out pairs.",
+    c.M_DPO_EVAL_MARGIN: "Mean implicit-reward margin on the held-out pairs.",
+    c.M_DPO_ROUND: "Current online DPO round, 1-based (0 = offline).",
+    c.M_DPO_ROUNDS: "Planned online DPO rounds (0 = offline).",
+    c.M_DPO_BEST_REWARD_MEAN: "Online DPO: mean reward of each prompt's best sample in the current round.",
+    c.M_DPO_WORST_REWARD_MEAN: "Online DPO: mean reward of each prompt's worst sample in the current round.",
+    c.M_DPO_RESPONSE_LENGTH: "Online DPO: mean sampled response length (tokens) in the current round.",
+    c.M_DPO_SKIPPED_GROUPS: "Online DPO: prompts of the current round without a pair (all scores equal).",
 }
 PHASES = ("generate", "score", "train")
 CHECKPOINT_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)

@@ -78,6 +78,21 @@ class StepGuard:
         if metrics is not None:
             self.attach(metrics)
 
+    def state_dict(self) -> dict[str, Any]:
+        """The counts a checkpoint carries, so that skips before and after a restart add up (a job that skips
+        every step and is preempted in between still fails after ``limit`` consecutive ones)."""
+        return {"model": self.model, "steps": self.steps, "skipped": self.skipped, "consecutive": self.consecutive,
+                "last_finite_loss": self.last_finite_loss}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> StepGuard:
+        """Restore :meth:`state_dict` (None or {}: a checkpoint written before the counts were saved)."""
+        if state:
+            self.steps, self.skipped = int(state["steps"]), int(state["skipped"])
+            self.consecutive = int(state["consecutive"])
+            loss = state.get("last_finite_loss")
+            self.last_finite_loss = None if loss is None else float(loss)
+        return self
+
     def attach(self, metrics) -> StepGuard:
         """Report to ``metrics`` (a TrainerMetrics); the series exists, at 0, from then on."""
         self.metrics = metrics

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError, TrainerConfig
+from ..config import TrainerConfig
 from . import rng, threads
 from .failure import CheckpointError
 
@@ -60,12 +60,9 @@ def uses_deepspeed_optimizer(cfg: TrainerConfig) -> bool:
 
 
 def deepspeed_config(cfg: TrainerConfig, world_size: int, lr: float) -> dict[str, Any]:
-    """The DeepSpeed config of one trained model, from the trainer config (pure; raises ConfigError)."""
+    """The DeepSpeed config of one trained model, from the trainer config (pure; the offload rules are
+    config.validate's)."""
     ds, t = cfg.deepspeed, cfg.training
-    if ds.offload_params and ds.zero_stage != 3:
-        raise ConfigError(f"deepspeed.offload_params needs deepspeed.zero_stage 3, got {ds.zero_stage}")
-    if ds.offload_optimizer and ds.zero_stage == 0:
-        raise ConfigError("deepspeed.offload_optimizer needs deepspeed.zero_stage 1, 2 or 3")
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
@@ -391,6 +388,23 @@ class Strategy:
     @staticmethod
     def unwrap(engine) -> torch.nn.Module:
         return engine.module
+
+    @contextlib.contextmanager
+    def gathered_for_generation(self, engine) -> Iterator[torch.nn.Module]:
+        """The engine's module with all its parameters in place for a whole rollout's generation.
+
+        Under ZeRO-3 every forward all-gathers each layer's partitioned weights through module hooks and frees
+        them again: with one forward per generated token, the whole model crosses the network per token. Here
+        the weights are gathered once and the hooks stay off until the block ends (DeepSpeed's
+        ``unwrap_model_for_generation``, the hybrid engine's approach); other engines pass straight through."""
+        module = self.unwrap(engine)
+        if not (self.use_deepspeed and self.cfg.deepspeed.zero_stage == 3):
+            yield module
+            return
+        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+        with unwrap_model_for_generation(engine):
+            yield module
 
     def full_state_dict(self, engine) -> dict[str, torch.Tensor] | None:
         """The complete state dict (gathered under ZeRO-3; collective). None on non-main processes."""
