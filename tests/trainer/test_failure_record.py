@@ -31,6 +31,7 @@ def term_log(tmp_path, monkeypatch):
 def test_the_first_failure_stays_and_a_success_never_hides_it(term_log, monkeypatch):
     assert write_termination_message('{"rlhf_step": 2}')  # a success's metrics: no failure, replaced below
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     assert record_failure(c.EXIT_DATA_ERROR, "data error: rows.jsonl:7: field x is missing")
     first = "data error: rows.jsonl:7: field x is missing\n[exit 3, rank 1]"
     assert term_log.read_text() == first
@@ -41,6 +42,9 @@ def test_the_first_failure_stays_and_a_success_never_hides_it(term_log, monkeypa
     assert term_log.read_text() == first
     assert parse_failure(first) == (3, 1, "data error: rows.jsonl:7: field x is missing")
     assert parse_failure('{"rlhf_step": 4}') == (None, None, '{"rlhf_step": 4}')
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process (DeepSpeed sets RANK=0 for it): no rank in the record
+    term_log.write_text("")
+    assert record_failure(c.EXIT_DATA_ERROR, "data error: x") and term_log.read_text() == "data error: x\n[exit 3]"
     assert parse_failure("Traceback (most recent call last):\n  ...\nValueError: x") == \
         (None, None, "Traceback (most recent call last):\n  ...\nValueError: x")
 
@@ -79,7 +83,7 @@ def test_ranks_failing_at_once_record_exactly_one_whole_message(term_log):
     start = time.time() + 2.0  # all processes are up by then and write together
     codes = [3, 4, 7, 9, 10, 2]
     env = {**os.environ, c.ENV_TERMINATION_LOG: str(term_log)}
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(start), str(code)], env={**env, "RANK": str(rank)})
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(start), str(code)], env={**env, "RANK": str(rank), "WORLD_SIZE": "6"})
              for rank, code in enumerate(codes)]
     assert [p.wait(timeout=60) for p in procs] == codes
     code, rank, reason = parse_failure(term_log.read_text())

@@ -112,8 +112,9 @@ def write_termination_message(message: str) -> bool:
 def record_failure(exit_code: int, message: str) -> bool:
     """Record ``message`` with a last line ``[exit N, rank R]`` as the termination message, unless a failure
     of this pod is recorded already (then False): the first failing rank's code and reason stay."""
-    rank = os.environ.get("RANK", "")
-    who = f", rank {rank}" if rank.isdigit() else ""
+    # The rank matters only among several processes (a single one may carry RANK=0 for DeepSpeed's sake).
+    rank, world = os.environ.get("RANK", ""), os.environ.get("WORLD_SIZE", "1")
+    who = f", rank {rank}" if rank.isdigit() and world.isdigit() and int(world) > 1 else ""
     return _write(message, f"\n[exit {exit_code}{who}]")
 
 
